@@ -1,0 +1,28 @@
+# `make demo` and `make test` work from a fresh clone: they create .venv and install pinned versions first.
+PY := .venv/bin/python
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv demo test test-fast bench clean
+
+venv: .venv/.installed
+
+.venv/.installed: setup.py constraints.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade-strategy only-if-needed -c constraints.txt -e '.[test,export]'
+	touch $@
+
+demo: venv
+	$(PY) tools/demo_shapes.py
+
+test: venv
+	$(PY) -m pytest -q tests
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: venv
+	$(PY) benchmarks/bench_inference.py
+
+clean:
+	rm -rf output
