@@ -1,0 +1,11 @@
+"""Evaluators with open-vocabulary base/novel splits, on the reference toolkits (pycocotools)."""
+
+from ovd.evaluation.coco_eval import (
+    RESULTS_FILENAME,
+    COCOEvaluator,
+    evaluate_detections,
+    format_results_table,
+    load_coco_gt,
+)
+
+__all__ = ["RESULTS_FILENAME", "COCOEvaluator", "evaluate_detections", "format_results_table", "load_coco_gt"]

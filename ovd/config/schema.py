@@ -1,0 +1,180 @@
+"""The config schema: every key `ovd` reads, its type and default.
+
+Key names follow detectron2 and the original object-centric OVD code where the concept is the same, so their users
+find `MODEL.WEIGHTS`, `SOLVER.BASE_LR` or `MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH` where they expect them.
+The defaults are the COCO R50-C4 setting of DESIGN §2; `configs/` files override what differs. This module builds
+nothing: `build_*` functions read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+
+def _list(*values):
+    return field(default_factory=lambda: list(values))
+
+
+@dataclass
+class ResNetConfig:
+    DEPTH: int = 50
+    # "FrozenBN" where ImageNet weights are loaded; from random init use "BN" or "GN" (frozen identity BN diverges).
+    NORM: str = "FrozenBN"
+    STRIDE_IN_1X1: bool = True  # MSRA (detectron2) ResNets put the stride in the 1x1 conv; torchvision's in the 3x3
+    STEM_OUT_CHANNELS: int = 64
+    RES2_OUT_CHANNELS: int = 256  # for BasicBlock ResNets (18/34) this is the res2 width, 64 in torchvision
+    WIDTH_PER_GROUP: int = 64
+    NUM_GROUPS: int = 1
+    OUT_FEATURES: List[str] = _list("res4")
+
+
+@dataclass
+class BackboneConfig:
+    NAME: str = "resnet_c4"  # "resnet_c4" (res5 is the RoI head) or "resnet_fpn"
+    FREEZE_AT: int = 2  # 0: train all; 1: freeze the stem; 2: stem and res2 (detectron2's meaning)
+    WEIGHTS: str = ""  # ImageNet weights of the backbone alone (torchvision state dict), applied before MODEL.WEIGHTS
+
+
+@dataclass
+class FPNConfig:
+    IN_FEATURES: List[str] = _list("res2", "res3", "res4", "res5")
+    OUT_CHANNELS: int = 256
+
+
+@dataclass
+class AnchorConfig:
+    SIZES: List[List[float]] = field(default_factory=lambda: [[32.0, 64.0, 128.0, 256.0, 512.0]])
+    ASPECT_RATIOS: List[List[float]] = field(default_factory=lambda: [[0.5, 1.0, 2.0]])
+    OFFSET: float = 0.0
+
+
+@dataclass
+class RPNConfig:
+    IN_FEATURES: List[str] = _list("res4")
+    PRE_NMS_TOPK_TRAIN: int = 12000
+    PRE_NMS_TOPK_TEST: int = 6000
+    POST_NMS_TOPK_TRAIN: int = 2000
+    POST_NMS_TOPK_TEST: int = 1000
+    NMS_THRESH: float = 0.7
+    MIN_SIZE: float = 0.0  # proposals with a side <= MIN_SIZE are dropped (detectron2 drops empty boxes)
+    BATCH_SIZE_PER_IMAGE: int = 256
+    POSITIVE_FRACTION: float = 0.5
+    IOU_THRESHOLDS: List[float] = _list(0.3, 0.7)
+    BBOX_REG_WEIGHTS: List[float] = _list(1.0, 1.0, 1.0, 1.0)
+    SMOOTH_L1_BETA: float = 0.0
+    LOSS_WEIGHT: float = 1.0
+
+
+@dataclass
+class ROIHeadsConfig:
+    IN_FEATURES: List[str] = _list("res4")
+    BATCH_SIZE_PER_IMAGE: int = 512
+    POSITIVE_FRACTION: float = 0.25
+    IOU_THRESHOLD: float = 0.5
+    PROPOSAL_APPEND_GT: bool = True
+    SCORE_THRESH_TEST: float = 0.05
+    NMS_THRESH_TEST: float = 0.5
+    # Candidates (proposal, class) kept by score before the per-class NMS; 0 keeps all (detectron2's behaviour).
+    TOPK_CANDIDATES_TEST: int = 0
+
+
+@dataclass
+class ROIBoxHeadConfig:
+    POOLER_RESOLUTION: int = 14
+    POOLER_SAMPLING_RATIO: int = 0
+    POOLER_ALIGNED: bool = True  # detectron2's ROIAlignV2
+    NUM_FC: int = 2  # FPN box head only
+    FC_DIM: int = 1024
+    BBOX_REG_WEIGHTS: List[float] = _list(10.0, 10.0, 5.0, 5.0)
+    SMOOTH_L1_BETA: float = 0.0
+    ZEROSHOT_WEIGHT_PATH: str = ""  # text embeddings [C, D] of the training vocabulary (.npy)
+    ZEROSHOT_WEIGHT_DIM: int = 512
+    NORM_TEMP: float = 50.0
+    USE_SIGMOID_CE: bool = True  # False: softmax cross-entropy over C + 1 columns
+    USE_BIAS: float = 0.0  # < 0: a learnable scalar logit bias initialised to this value (the original code's key)
+    IGNORE_ZERO_CATS: bool = True  # classes without training boxes get zero loss weight
+    CAT_FREQ_PATH: str = ""  # [{"id", "image_count"}]; empty: counted from the training annotations
+
+
+@dataclass
+class ModelConfig:
+    DEVICE: str = "auto"  # "auto" picks CUDA where available
+    WEIGHTS: str = ""
+    PIXEL_MEAN: List[float] = _list(103.530, 116.280, 123.675)
+    PIXEL_STD: List[float] = _list(1.0, 1.0, 1.0)
+    # Vocabulary at test time; empty: the training one (MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH).
+    TEST_ZEROSHOT_WEIGHT_PATH: str = ""
+    BACKBONE: BackboneConfig = field(default_factory=BackboneConfig)
+    RESNETS: ResNetConfig = field(default_factory=ResNetConfig)
+    FPN: FPNConfig = field(default_factory=FPNConfig)
+    ANCHOR_GENERATOR: AnchorConfig = field(default_factory=AnchorConfig)
+    RPN: RPNConfig = field(default_factory=RPNConfig)
+    ROI_HEADS: ROIHeadsConfig = field(default_factory=ROIHeadsConfig)
+    ROI_BOX_HEAD: ROIBoxHeadConfig = field(default_factory=ROIBoxHeadConfig)
+
+
+@dataclass
+class DatasetsConfig:
+    TRAIN: List[str] = _list("coco_zeroshot_train_oriorder")
+    TEST: List[str] = _list("coco_generalized_zeroshot_val")
+
+
+@dataclass
+class DataLoaderConfig:
+    NUM_WORKERS: int = 4
+    FILTER_EMPTY_ANNOTATIONS: bool = False
+
+
+@dataclass
+class InputConfig:
+    FORMAT: str = "BGR"  # channel order the model sees: "BGR" (MSRA/detectron2 weights) or "RGB"
+    MIN_SIZE_TRAIN: List[int] = _list(800)
+    MIN_SIZE_TRAIN_SAMPLING: str = "choice"  # "choice" or "range"
+    MAX_SIZE_TRAIN: int = 1333
+    MIN_SIZE_TEST: int = 800
+    MAX_SIZE_TEST: int = 1333
+    RANDOM_FLIP: str = "horizontal"  # "horizontal" or "none"
+    SIZE_DIVISIBILITY: int = 0  # pad the batch to a multiple of this (32 for FPN)
+
+
+@dataclass
+class AMPConfig:
+    ENABLED: bool = True  # CUDA only; ignored on CPU
+
+
+@dataclass
+class SolverConfig:
+    OPTIMIZER: str = "SGD"  # "SGD" or "AdamW"
+    BASE_LR: float = 0.02
+    MOMENTUM: float = 0.9
+    WEIGHT_DECAY: float = 1e-4
+    MAX_ITER: int = 90000
+    STEPS: List[int] = _list(60000, 80000)
+    GAMMA: float = 0.1
+    WARMUP_ITERS: int = 1000
+    WARMUP_FACTOR: float = 0.001
+    IMS_PER_BATCH: int = 16  # total over all workers
+    CHECKPOINT_PERIOD: int = 5000
+    CLIP_GRADIENTS: float = 0.0  # max global grad norm; 0 disables
+    AMP: AMPConfig = field(default_factory=AMPConfig)
+
+
+@dataclass
+class TestConfig:
+    EVAL_PERIOD: int = 0  # 0: evaluate only at the end
+    DETECTIONS_PER_IMAGE: int = 100
+    IMS_PER_BATCH: int = 1  # images per inference batch on each worker
+
+
+@dataclass
+class Config:
+    MODEL: ModelConfig = field(default_factory=ModelConfig)
+    DATASETS: DatasetsConfig = field(default_factory=DatasetsConfig)
+    DATALOADER: DataLoaderConfig = field(default_factory=DataLoaderConfig)
+    INPUT: InputConfig = field(default_factory=InputConfig)
+    SOLVER: SolverConfig = field(default_factory=SolverConfig)
+    TEST: TestConfig = field(default_factory=TestConfig)
+    OUTPUT_DIR: str = "./output"
+    SEED: int = 0
+    LOG_PERIOD: int = 20

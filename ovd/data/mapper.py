@@ -1,0 +1,114 @@
+"""From an image record to the model's `ImageSample`: read, resize (detectron2's ResizeShortestEdge), flip.
+
+Geometric transforms are applied to the image and, with the same parameters, to every box that belongs to it
+(ground truth now; distillation regions and pseudo boxes later), so they stay in step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ovd.data.datasets import ImageRecord
+from ovd.structures import ImageSample, Instances
+
+
+def read_image(path, *, what: str = "image") -> np.ndarray:
+    """uint8 RGB array [H, W, 3]; a missing or undecodable file raises an error naming it."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise OSError(f"cannot read {what} {path}: {e}") from None
+
+
+def shortest_edge_size(h: int, w: int, short: int, max_size: int) -> tuple[int, int]:
+    """detectron2's ResizeShortestEdge output size: short side to ``short``, long side capped at ``max_size``."""
+    scale = short / min(h, w)
+    newh, neww = (short, scale * w) if h < w else (scale * h, short)
+    if max(newh, neww) > max_size:
+        s = max_size / max(newh, neww)
+        newh, neww = newh * s, neww * s
+    return int(newh + 0.5), int(neww + 0.5)
+
+
+@dataclass
+class ResizeFlip:
+    """The geometric transform of one image: resize from ``in_size`` to ``out_size``, then optional h-flip."""
+
+    in_size: tuple[int, int]
+    out_size: tuple[int, int]
+    flip: bool = False
+
+    def apply_image(self, image: np.ndarray) -> np.ndarray:
+        if self.out_size != self.in_size:
+            image = np.asarray(Image.fromarray(image).resize(self.out_size[::-1], Image.BILINEAR))
+        return image[:, ::-1] if self.flip else image
+
+    def apply_boxes(self, boxes: np.ndarray) -> np.ndarray:
+        """boxes: float [N, 4] xyxy in ``in_size`` pixels → ``out_size`` pixels."""
+        (h, w), (nh, nw) = self.in_size, self.out_size
+        out = boxes * np.array([nw / w, nh / h, nw / w, nh / h], dtype=np.float32)
+        if self.flip:
+            out = out[:, [2, 1, 0, 3]] * np.array([-1, 1, -1, 1], dtype=np.float32) + np.array([nw, 0, nw, 0], dtype=np.float32)
+        return out
+
+
+class DatasetMapper:
+    """Turns an `ImageRecord` into an `ImageSample`; randomness comes from the ``rng`` given per call, so a
+    sample depends only on (record, rng seed) — not on the worker that makes it (exact resume)."""
+
+    def __init__(
+        self,
+        *,
+        is_train: bool,
+        min_sizes: list[int],
+        max_size: int,
+        size_sampling: str = "choice",
+        random_flip: bool = False,
+        input_format: str = "BGR",
+        category_ids: list[int],
+    ) -> None:
+        if size_sampling not in ("choice", "range"):
+            raise ValueError(f"INPUT.MIN_SIZE_TRAIN_SAMPLING must be 'choice' or 'range', got {size_sampling!r}")
+        if size_sampling == "range" and len(min_sizes) != 2:
+            raise ValueError(f"INPUT.MIN_SIZE_TRAIN with sampling 'range' needs [min, max], got {min_sizes}")
+        self.is_train, self.min_sizes, self.max_size = is_train, list(min_sizes), max_size
+        self.size_sampling, self.random_flip, self.input_format = size_sampling, random_flip, input_format
+        self.class_index = {cid: i for i, cid in enumerate(category_ids)}
+
+    def transform_for(self, h: int, w: int, rng: np.random.Generator | None) -> ResizeFlip:
+        if not self.is_train or rng is None:
+            return ResizeFlip((h, w), shortest_edge_size(h, w, self.min_sizes[0], self.max_size))
+        if self.size_sampling == "range":
+            short = int(rng.integers(self.min_sizes[0], self.min_sizes[1] + 1))
+        else:
+            short = int(self.min_sizes[int(rng.integers(len(self.min_sizes)))])
+        flip = bool(self.random_flip and rng.random() < 0.5)
+        return ResizeFlip((h, w), shortest_edge_size(h, w, short, self.max_size), flip)
+
+    def __call__(self, record: ImageRecord, rng: np.random.Generator | None = None) -> ImageSample:
+        image = read_image(record.file_name, what=f"image {record.image_id}")
+        h, w = image.shape[:2]
+        if (h, w) != (record.height, record.width):
+            raise ValueError(
+                f"image {record.file_name} is {h}x{w} but its annotation says {record.height}x{record.width}"
+            )
+        tf = self.transform_for(h, w, rng)
+        image = tf.apply_image(image)
+        if self.input_format == "BGR":
+            image = image[:, :, ::-1]
+        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        gt = None
+        if self.is_train:
+            gt = Instances(
+                tf.out_size,
+                gt_boxes=torch.from_numpy(tf.apply_boxes(record.boxes)),
+                gt_classes=torch.tensor([self.class_index[c] for c in record.category_ids.tolist()], dtype=torch.int64),
+            )
+        return ImageSample(image=tensor, image_id=record.image_id, orig_size=(h, w), gt=gt, file_name=str(record.file_name))

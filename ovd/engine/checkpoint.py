@@ -1,0 +1,110 @@
+"""Checkpoints: written atomically with a `last_checkpoint` pointer; `--resume` falls back past a broken file.
+
+A training checkpoint holds the model, optimizer, LR scheduler, AMP scaler and iteration. No RNG state is needed:
+the trainer reseeds every iteration from (SEED, rank, iteration) and the data stream is a function of the
+iteration (`TrainingBatchSampler`), so a resumed run continues exactly as the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ovd.utils.io import atomic_path, write_text
+
+logger = logging.getLogger(__name__)
+POINTER = "last_checkpoint"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read or does not fit the model."""
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint as a dict (``"model"`` and, for training checkpoints, optimizer/scheduler/scaler/iteration)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, wrong format, disallowed pickled object: all mean "unusable file"
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(data).__name__}, expected a dict")
+    if "model" not in data:
+        # a bare state dict
+        data = {"model": data}
+    return data
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
+    """Load ``state`` into ``model``; any missing, unexpected or mis-shaped key is an error listing them."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        lines = [f"checkpoint {source} does not fit the model built from the config:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:10])}{' ...' if len(unexpected) > 10 else ''}")
+        for k, got, want in shapes[:10]:
+            lines.append(f"  {k}: checkpoint shape {list(got)}, model shape {list(want)}")
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state)
+
+
+class Checkpointer:
+    """Saves and finds training checkpoints in ``output_dir``."""
+
+    def __init__(self, output_dir: str | Path, *, model: nn.Module, **objects: Any) -> None:
+        self.dir = Path(output_dir)
+        self.model = model
+        self.objects = objects  # name -> object with state_dict()/load_state_dict()
+
+    def save(self, name: str, iteration: int) -> Path:
+        data = {"model": self.model.state_dict(), "iteration": iteration}
+        data.update({k: v.state_dict() for k, v in self.objects.items()})
+        path = self.dir / f"{name}.pth"
+        with atomic_path(path) as tmp:
+            torch.save(data, tmp)
+        write_text(self.dir / POINTER, path.name)
+        logger.info("saved checkpoint %s (iteration %d)", path, iteration)
+        return path
+
+    def candidates(self) -> list[Path]:
+        """Checkpoints to resume from, best first: the pointer's target, then the others by iteration."""
+        found = sorted(self.dir.glob("model_*.pth"), key=_iteration_of, reverse=True)
+        pointer = self.dir / POINTER
+        if pointer.is_file():
+            target = self.dir / pointer.read_text().strip()
+            found = [target] + [p for p in found if p != target]
+        return found
+
+    def resume(self) -> int:
+        """Restore the newest readable checkpoint; returns the iteration to start at (0 if there is none)."""
+        for path in self.candidates():
+            try:
+                data = read_checkpoint(path)
+            except (CheckpointError, FileNotFoundError) as e:
+                logger.warning("skipping unusable checkpoint: %s", e)
+                continue
+            load_model_state(self.model, data["model"], source=str(path))
+            for k, obj in self.objects.items():
+                if k not in data:
+                    raise CheckpointError(f"checkpoint {path} has no {k!r} state; cannot resume training from it")
+                obj.load_state_dict(data[k])
+            logger.info("resumed from %s at iteration %d", path, data["iteration"])
+            return int(data["iteration"])
+        return 0
+
+
+def _iteration_of(path: Path) -> int:
+    m = re.search(r"(\d+)", path.stem)
+    return int(m.group(1)) if m else 1 << 62  # model_final sorts first

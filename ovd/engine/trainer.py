@@ -1,0 +1,186 @@
+"""The training loop, top to bottom: build, (resume), iterate, log, checkpoint, evaluate."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ovd.config import Config, save_config
+from ovd.data.build import build_train_loader, load_train_dataset
+from ovd.engine.checkpoint import Checkpointer, load_model_state, read_checkpoint
+from ovd.engine.evaluate import evaluate, test_vocabulary
+from ovd.engine.events import MetricsWriter
+from ovd.modeling.build import build_model
+from ovd.modeling.detector import OVDetector
+from ovd.utils.comm import get_rank, get_world_size, is_main_process, reduce_mean
+from ovd.utils.io import write_json
+
+logger = logging.getLogger("ovd.train")
+
+
+def select_device(cfg: Config) -> torch.device:
+    name = cfg.MODEL.DEVICE
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"MODEL.DEVICE={cfg.MODEL.DEVICE} but CUDA is not available; use MODEL.DEVICE cpu")
+        if get_world_size() > 1:
+            return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(name)
+
+
+def loss_weights(cfg: Config) -> dict[str, float]:
+    """The one place where loss weights are applied (DESIGN §3)."""
+    return {
+        "loss_rpn_cls": cfg.MODEL.RPN.LOSS_WEIGHT,
+        "loss_rpn_loc": cfg.MODEL.RPN.LOSS_WEIGHT,
+        "loss_cls": 1.0,
+        "loss_box_reg": 1.0,
+    }
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    s = cfg.SOLVER
+    if s.OPTIMIZER == "SGD":
+        return torch.optim.SGD(params, lr=s.BASE_LR, momentum=s.MOMENTUM, weight_decay=s.WEIGHT_DECAY)
+    if s.OPTIMIZER == "AdamW":
+        return torch.optim.AdamW(params, lr=s.BASE_LR, weight_decay=s.WEIGHT_DECAY)
+    raise ValueError(f"SOLVER.OPTIMIZER: unknown optimizer {s.OPTIMIZER!r}; expected SGD or AdamW")
+
+
+def lr_factor(cfg: Config, iteration: int) -> float:
+    """Linear warm-up from WARMUP_FACTOR, then ×GAMMA at each of STEPS (detectron2's WarmupMultiStepLR)."""
+    s = cfg.SOLVER
+    factor = s.GAMMA ** sum(iteration >= step for step in s.STEPS)
+    if iteration < s.WARMUP_ITERS:
+        alpha = iteration / s.WARMUP_ITERS
+        factor *= s.WARMUP_FACTOR * (1 - alpha) + alpha
+    return factor
+
+
+def load_weights(model: OVDetector, path: str) -> None:
+    """Initialise from MODEL.WEIGHTS (an `ovd` checkpoint or a bare state dict)."""
+    load_model_state(model, read_checkpoint(path)["model"], source=path)
+    logger.info("loaded weights from %s", path)
+
+
+def _check_finite(losses: dict[str, torch.Tensor], iteration: int) -> None:
+    bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise FloatingPointError(
+            f"non-finite loss at iteration {iteration}: " + ", ".join(f"{k}={losses[k].item()}" for k in bad)
+        )
+
+
+def train(cfg: Config, *, resume: bool = False) -> dict:
+    """Train ``cfg`` (in this process, as one of the DDP workers if any); returns the final evaluation."""
+    rank, world = get_rank(), get_world_size()
+    device = select_device(cfg)
+    out_dir = Path(cfg.OUTPUT_DIR)
+    if is_main_process():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+
+    dataset = load_train_dataset(cfg)
+    torch.manual_seed(cfg.SEED)
+    model = build_model(cfg, class_image_counts=torch.from_numpy(dataset.class_image_counts()))
+    train_vocab = test_vocabulary(cfg, dataset)  # checks the embeddings file against the training classes
+    model.set_vocabulary(train_vocab)
+    model.to(device)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
+    amp = cfg.SOLVER.AMP.ENABLED and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    checkpointer = Checkpointer(out_dir, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+
+    start_iter = checkpointer.resume() if resume else 0
+    if start_iter == 0 and cfg.MODEL.WEIGHTS:
+        load_weights(model, cfg.MODEL.WEIGHTS)
+    max_iter = cfg.SOLVER.MAX_ITER
+    ddp = model
+    if world > 1:
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=False)
+    loader = build_train_loader(cfg, dataset, rank=rank, world_size=world, start_iter=start_iter)
+    writer = MetricsWriter(out_dir, max_iter=max_iter, start_iter=start_iter) if is_main_process() else None
+    weights = loss_weights(cfg)
+    logger.info("training %s from iteration %d to %d on %s (%d worker(s))", dataset.name, start_iter, max_iter, device, world)
+
+    model.train()
+    data_iter = iter(loader)
+    for iteration in range(start_iter, max_iter):
+        torch.manual_seed(hash((cfg.SEED, rank, iteration)) % (1 << 63))
+        batch = next(data_iter)
+        with torch.autocast(device.type, enabled=amp):
+            losses = ddp(batch)
+        total = sum(weights.get(k, 1.0) * v for k, v in losses.items())
+        _check_finite(losses, iteration)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        if cfg.SOLVER.CLIP_GRADIENTS > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.SOLVER.CLIP_GRADIENTS)
+        scaler.step(optimizer)
+        scaler.update()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+
+        done = iteration + 1
+        log_now = done % cfg.LOG_PERIOD == 0 or done == max_iter or iteration == start_iter
+        if log_now:
+            metrics = {k: v.item() for k, v in losses.items()}
+            metrics["total_loss"] = total.item()
+            metrics = reduce_mean(metrics, device)
+            metrics["lr"] = lr
+            if writer is not None:
+                writer.write(iteration, metrics)
+                writer.console(iteration, metrics)
+        if is_main_process() and done < max_iter and cfg.SOLVER.CHECKPOINT_PERIOD > 0 and done % cfg.SOLVER.CHECKPOINT_PERIOD == 0:
+            checkpointer.save(f"model_{iteration:07d}", done)
+        if cfg.TEST.EVAL_PERIOD > 0 and done % cfg.TEST.EVAL_PERIOD == 0 and done < max_iter:
+            _log_eval(writer, iteration, evaluate(cfg, model))
+
+    if is_main_process():
+        checkpointer.save("model_final", max_iter)
+    results = evaluate(cfg, model) if cfg.DATASETS.TEST else {}
+    _log_eval(writer, max_iter - 1, results)
+    if writer is not None:
+        writer.close()
+        write_json(out_dir / "final_metrics.json", results, indent=2)
+    return results
+
+
+def _log_eval(writer: MetricsWriter | None, iteration: int, results: dict[str, dict]) -> None:
+    if writer is None:
+        return
+    flat = {}
+    for name, res in results.items():
+        for k, v in res.items():
+            if isinstance(v, float) and not math.isnan(v):
+                flat[f"{name}/{k}"] = v
+    if flat:
+        writer.write(iteration, flat)
+
+
+def evaluate_only(cfg: Config) -> dict:
+    """`--eval-only`: build the model, load MODEL.WEIGHTS, evaluate on DATASETS.TEST."""
+    if not cfg.MODEL.WEIGHTS:
+        raise ValueError("--eval-only needs MODEL.WEIGHTS (a checkpoint to evaluate)")
+    device = select_device(cfg)
+    data = read_checkpoint(cfg.MODEL.WEIGHTS)
+    text = data["model"].get("roi_heads.box_predictor.cls_score.text_embeds")
+    freq = data["model"].get("roi_heads.box_predictor.freq_weight")
+    model = build_model(cfg, text_embeds=text, class_image_counts=None if freq is None else freq**2)
+    load_model_state(model, data["model"], source=cfg.MODEL.WEIGHTS)
+    model.to(device).eval()
+    results = evaluate(cfg, model)
+    if is_main_process():
+        write_json(Path(cfg.OUTPUT_DIR) / "eval_metrics.json", results, indent=2)
+    return results

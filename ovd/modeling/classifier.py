@@ -1,0 +1,54 @@
+"""The open-vocabulary classifier: region features scored against text embeddings of class names (DESIGN §2)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class ZeroShotClassifier(nn.Module):
+    """``logits = τ · normalize(W x) · Tᵀ`` plus a zero background column (and an optional learnable bias).
+
+    The vocabulary is the buffer ``text_embeds`` (Tensor[C, D], L2-normalised); `set_vocabulary` swaps it.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_dim: int,
+        text_embeds: Tensor,
+        temperature: float = 50.0,
+        bias_init: float | None = None,
+    ) -> None:
+        super().__init__()
+        embed_dim = text_embeds.shape[1]
+        self.linear = nn.Linear(in_dim, embed_dim)
+        self.temperature = temperature
+        self.register_buffer("text_embeds", F.normalize(text_embeds.float(), dim=1))
+        self.cls_bias = nn.Parameter(torch.tensor(float(bias_init))) if bias_init is not None else None
+
+    @property
+    def num_classes(self) -> int:
+        return self.text_embeds.shape[0]
+
+    def set_vocabulary(self, text_embeds: Tensor) -> None:
+        """Replace the vocabulary with ``text_embeds`` (Tensor[C', D]); the projection is kept."""
+        if text_embeds.ndim != 2 or text_embeds.shape[1] != self.text_embeds.shape[1]:
+            raise ValueError(
+                f"vocabulary embeddings must be [C, {self.text_embeds.shape[1]}], got {list(text_embeds.shape)}"
+            )
+        self.text_embeds = F.normalize(text_embeds.float(), dim=1).to(self.text_embeds.device)
+
+    def region_embeds(self, x: Tensor) -> Tensor:
+        """Projected region features ``W x`` (Tensor[N, D]), unnormalised; RKD distils these."""
+        return self.linear(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits Tensor[N, C + 1] for region features ``x`` (Tensor[N, in_dim]); the last column is background."""
+        z = F.normalize(self.region_embeds(x), dim=1)
+        logits = self.temperature * z @ self.text_embeds.t().to(z.dtype)
+        logits = F.pad(logits, (0, 1))
+        if self.cls_bias is not None:
+            logits = logits + self.cls_bias
+        return logits

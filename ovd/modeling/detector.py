@@ -1,0 +1,100 @@
+"""The two-stage open-vocabulary detector: backbone → RPN → RoI heads with a text-embedding classifier."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ovd.modeling.backbone import Backbone
+from ovd.modeling.roi_heads import ROIHeads
+from ovd.modeling.rpn import RPN
+from ovd.structures import ImageSample, Instances
+
+
+class OVDetector(nn.Module):
+    """Faster R-CNN whose classifier is a vocabulary of text embeddings.
+
+    ``forward`` is the training step (it returns the dict of unweighted losses, so DDP can wrap it);
+    `predict` runs inference. Images arrive as uint8 in ``input_format`` channel order (see `ImageSample`);
+    normalisation and padding happen here.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        rpn: RPN,
+        roi_heads: ROIHeads,
+        pixel_mean: list[float],
+        pixel_std: list[float],
+        input_format: str = "BGR",
+        size_divisibility: int = 0,
+    ) -> None:
+        super().__init__()
+        self.backbone, self.rpn, self.roi_heads = backbone, rpn, roi_heads
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
+        if input_format not in ("BGR", "RGB"):
+            raise ValueError(f"INPUT.FORMAT must be BGR or RGB, got {input_format!r}")
+        self.input_format = input_format
+        self.size_divisibility = size_divisibility
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess(self, samples: list[ImageSample]) -> tuple[Tensor, list[tuple[int, int]]]:
+        """Normalised images padded (with zeros, bottom/right) into Tensor[B, 3, H, W], and their unpadded sizes."""
+        images = [(s.image.to(self.device, non_blocking=True).float() - self.pixel_mean) / self.pixel_std for s in samples]
+        sizes = [s.image_size for s in samples]
+        h = max(i.shape[-2] for i in images)
+        w = max(i.shape[-1] for i in images)
+        if self.size_divisibility > 1:
+            d = self.size_divisibility
+            h, w = (h + d - 1) // d * d, (w + d - 1) // d * d
+        batch = images[0].new_zeros((len(images), 3, h, w))
+        for b, img in zip(batch, images):
+            b[:, : img.shape[-2], : img.shape[-1]].copy_(img)
+        return batch, sizes
+
+    def forward(self, samples: list[ImageSample]) -> dict[str, Tensor]:
+        return self.forward_train(samples)
+
+    def forward_train(self, samples: list[ImageSample]) -> dict[str, Tensor]:
+        """Unweighted losses for a batch of images with ground truth (``sample.gt``)."""
+        if any(s.gt is None for s in samples):
+            raise ValueError("forward_train needs ground truth (ImageSample.gt) for every image")
+        images, sizes = self.preprocess(samples)
+        gt = [s.gt.to(self.device) for s in samples]
+        features = self.backbone(images)
+        proposals, losses = self.rpn(features, sizes, gt)
+        losses.update(self.roi_heads.losses(features, proposals, gt))
+        return losses
+
+    @torch.no_grad()
+    def predict(self, samples: list[ImageSample]) -> list[Instances]:
+        """Detections per image in original-image pixels: ``pred_boxes`` (xyxy), ``scores``, ``pred_classes``."""
+        images, sizes = self.preprocess(samples)
+        features = self.backbone(images)
+        proposals, _ = self.rpn(features, sizes)
+        results = self.roi_heads.predict(features, proposals)
+        return [rescale(r, s.orig_size) for r, s in zip(results, samples)]
+
+    def set_vocabulary(self, text_embeds: Tensor) -> None:
+        """Detect the classes whose text embeddings (Tensor[C, D]) are given, from now on."""
+        self.roi_heads.box_predictor.cls_score.set_vocabulary(text_embeds)
+
+
+def rescale(results: Instances, out_size: tuple[int, int]) -> Instances:
+    """Map boxes from the resized image to ``out_size`` (h, w), clip, drop empty boxes (detectron2's
+    detector_postprocess)."""
+    h, w = results.image_size
+    oh, ow = out_size
+    boxes = results.pred_boxes * results.pred_boxes.new_tensor([ow / w, oh / h, ow / w, oh / h])
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, ow)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, oh)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    fields = {k: v[keep] for k, v in results.fields().items()}
+    fields["pred_boxes"] = boxes[keep]
+    return Instances(out_size, **fields)
+

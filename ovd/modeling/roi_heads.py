@@ -1,0 +1,186 @@
+"""RoI heads: proposal sampling, the box head (C4 res5 or FPN 2fc), the open-vocabulary box predictor,
+the detection losses and post-processing (detectron2's semantics)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
+
+from ovd.modeling.classifier import ZeroShotClassifier
+from ovd.modeling.losses import box_reg_loss, sigmoid_ce_loss, softmax_ce_loss
+from ovd.modeling.poolers import ROIPooler
+from ovd.modeling.rpn import BBOX_CLAMP
+from ovd.structures import Instances
+
+
+class Res5Head(nn.Module):
+    """C4 box head: the res5 stage on pooled res4 features, then the spatial mean (Tensor[N, C5])."""
+
+    def __init__(self, res5: nn.Sequential, out_channels: int) -> None:
+        super().__init__()
+        self.res5 = res5
+        self.out_dim = out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.res5(x).mean(dim=(2, 3))
+
+
+class FCHead(nn.Module):
+    """FPN box head: flatten, then ``num_fc`` Linear+ReLU layers (named fc1, fc2, … as in detectron2)."""
+
+    def __init__(self, *, in_channels: int, resolution: int, num_fc: int = 2, fc_dim: int = 1024) -> None:
+        super().__init__()
+        d = in_channels * resolution * resolution
+        for i in range(num_fc):
+            fc = nn.Linear(d, fc_dim)
+            nn.init.kaiming_uniform_(fc.weight, a=1)
+            nn.init.zeros_(fc.bias)
+            self.add_module(f"fc{i + 1}", fc)
+            d = fc_dim
+        self.num_fc, self.out_dim = num_fc, d
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.flatten(1)
+        for i in range(self.num_fc):
+            x = F.relu(getattr(self, f"fc{i + 1}")(x))
+        return x
+
+
+class BoxPredictor(nn.Module):
+    """Class logits from the zero-shot classifier and class-agnostic box deltas from an MLP (D→D→4).
+
+    ``freq_weight`` (Tensor[C]) holds each training class's image count (to the power 0.5, as the original code);
+    classes at zero get no classification loss when ``ignore_zero_cats``.
+    """
+
+    def __init__(self, *, cls_score: ZeroShotClassifier, in_dim: int, freq_weight: Tensor) -> None:
+        super().__init__()
+        self.cls_score = cls_score
+        self.bbox_pred = nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, 4))
+        nn.init.normal_(self.bbox_pred[2].weight, std=0.001)
+        nn.init.zeros_(self.bbox_pred[2].bias)
+        self.register_buffer("freq_weight", freq_weight.float())
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits Tensor[N, C + 1] and deltas Tensor[N, 4] for box features Tensor[N, in_dim]."""
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+class ROIHeads(nn.Module):
+    def __init__(
+        self,
+        *,
+        in_features: list[str],
+        pooler: ROIPooler,
+        box_head: nn.Module,
+        box_predictor: BoxPredictor,
+        batch_size_per_image: int = 512,
+        positive_fraction: float = 0.25,
+        iou_threshold: float = 0.5,
+        proposal_append_gt: bool = True,
+        use_sigmoid_ce: bool = True,
+        ignore_zero_cats: bool = True,
+        bbox_reg_weights: tuple[float, ...] = (10.0, 10.0, 5.0, 5.0),
+        smooth_l1_beta: float = 0.0,
+        score_thresh: float = 0.05,
+        nms_thresh: float = 0.5,
+        topk_candidates: int = 0,
+        detections_per_image: int = 100,
+    ) -> None:
+        super().__init__()
+        self.in_features = list(in_features)
+        self.pooler, self.box_head, self.box_predictor = pooler, box_head, box_predictor
+        self.matcher = Matcher(iou_threshold, iou_threshold, allow_low_quality_matches=False)
+        self.sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
+        self.proposal_append_gt = proposal_append_gt
+        self.use_sigmoid_ce, self.ignore_zero_cats = use_sigmoid_ce, ignore_zero_cats
+        self.box_coder = BoxCoder(bbox_reg_weights, bbox_xform_clip=BBOX_CLAMP)
+        self.smooth_l1_beta = smooth_l1_beta
+        self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
+        self.topk_candidates, self.detections_per_image = topk_candidates, detections_per_image
+
+    @property
+    def num_classes(self) -> int:
+        return self.box_predictor.cls_score.num_classes
+
+    def box_features(self, features: dict[str, Tensor], boxes: list[Tensor]) -> Tensor:
+        """Box-head features Tensor[sum(len(b)), D] of xyxy ``boxes`` per image (proposals or any regions)."""
+        return self.box_head(self.pooler([features[f] for f in self.in_features], boxes))
+
+    @torch.no_grad()
+    def label_and_sample(self, proposals: list[Instances], gt: list[Instances]) -> list[Instances]:
+        """Sampled proposals with ``gt_classes`` (C = background) and matched ``gt_boxes`` (detectron2)."""
+        c = self.num_classes
+        out = []
+        for props, g in zip(proposals, gt):
+            boxes = props.proposal_boxes
+            if self.proposal_append_gt:
+                boxes = torch.cat([boxes, g.gt_boxes.to(boxes.dtype)])
+            if len(g) == 0:
+                classes = torch.full((len(boxes),), c, dtype=torch.int64, device=boxes.device)
+                matched_boxes = torch.zeros_like(boxes)
+            else:
+                matched = self.matcher(box_iou(g.gt_boxes, boxes))
+                classes = g.gt_classes[matched.clamp(min=0)].clone()
+                classes[matched < 0] = c
+                matched_boxes = g.gt_boxes[matched.clamp(min=0)]
+            pos, neg = self.sampler([(classes != c).to(torch.int64)])
+            idx = torch.nonzero(pos[0].bool() | neg[0].bool(), as_tuple=True)[0]
+            out.append(
+                Instances(g.image_size, proposal_boxes=boxes[idx], gt_classes=classes[idx], gt_boxes=matched_boxes[idx])
+            )
+        return out
+
+    def class_loss_weight(self) -> Tensor | None:
+        if not self.ignore_zero_cats:
+            return None
+        return (self.box_predictor.freq_weight > 1e-4).float()
+
+    def losses(self, features: dict[str, Tensor], proposals: list[Instances], gt: list[Instances]) -> dict[str, Tensor]:
+        """Classification and box-regression losses on the sampled proposals."""
+        sampled = self.label_and_sample(proposals, gt)
+        x = self.box_features(features, [s.proposal_boxes for s in sampled])
+        logits, deltas = self.box_predictor(x)
+        gt_classes = torch.cat([s.gt_classes for s in sampled])
+        boxes = torch.cat([s.proposal_boxes for s in sampled])
+        gt_deltas = self.box_coder.encode_single(torch.cat([s.gt_boxes for s in sampled]), boxes)
+        loss_fn = sigmoid_ce_loss if self.use_sigmoid_ce else softmax_ce_loss
+        return {
+            "loss_cls": loss_fn(logits, gt_classes, self.class_loss_weight()),
+            "loss_box_reg": box_reg_loss(deltas, gt_deltas, gt_classes < self.num_classes, beta=self.smooth_l1_beta),
+        }
+
+    @torch.no_grad()
+    def predict(self, features: dict[str, Tensor], proposals: list[Instances]) -> list[Instances]:
+        """Detections per image (``pred_boxes`` xyxy in the resized image, ``scores``, ``pred_classes``)."""
+        boxes = [p.proposal_boxes for p in proposals]
+        logits, deltas = self.box_predictor(self.box_features(features, boxes))
+        scores = torch.sigmoid(logits) if self.use_sigmoid_ce else torch.softmax(logits, dim=1)
+        out = []
+        for props, s, d in zip(proposals, scores.split([len(b) for b in boxes]), deltas.split([len(b) for b in boxes])):
+            pred = self.box_coder.decode_single(d, props.proposal_boxes)
+            out.append(self.postprocess(pred, s, props.image_size))
+        return out
+
+    def postprocess(self, boxes: Tensor, scores: Tensor, image_size: tuple[int, int]) -> Instances:
+        """detectron2's fast_rcnn_inference for class-agnostic boxes: threshold, (top-k), per-class NMS, cap.
+
+        boxes: Tensor[N, 4]; scores: Tensor[N, C + 1] (background last, dropped).
+        """
+        valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores).all(dim=1)
+        if not valid.all():
+            boxes, scores = boxes[valid], scores[valid]
+        scores = scores[:, :-1]
+        boxes = clip_boxes_to_image(boxes, image_size)
+        mask = scores > self.score_thresh
+        idx = mask.nonzero()
+        cand_scores = scores[mask]
+        if self.topk_candidates and len(cand_scores) > self.topk_candidates:
+            cand_scores, top = cand_scores.topk(self.topk_candidates)
+            idx = idx[top]
+        cand_boxes = boxes[idx[:, 0]]
+        keep = batched_nms(cand_boxes, cand_scores, idx[:, 1], self.nms_thresh)[: self.detections_per_image]
+        return Instances(image_size, pred_boxes=cand_boxes[keep], scores=cand_scores[keep], pred_classes=idx[keep, 1])

@@ -1,0 +1,39 @@
+"""Train or evaluate a detector: `python tools/train_net.py --config-file CFG [--eval-only] [--resume] [KEY VALUE ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ovd.config import load_config
+from ovd.engine.launch import launch
+from ovd.engine.setup import setup_logging, use_cuda
+from ovd.engine.trainer import evaluate_only, train
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config-file", required=True, help="YAML config (with _BASE_ inheritance)")
+    p.add_argument("--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS on DATASETS.TEST")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUTPUT_DIR")
+    p.add_argument("--num-gpus", type=int, default=1, help="local workers (GPUs; CPU processes with MODEL.DEVICE cpu)")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY=VALUE or KEY VALUE pairs")
+    return p.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> dict | None:
+    cfg = load_config(args.config_file, args.opts)
+    setup_logging(cfg.OUTPUT_DIR)
+    if args.eval_only:
+        return evaluate_only(cfg)
+    return train(cfg, resume=args.resume)
+
+
+def cli(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cfg = load_config(args.config_file, args.opts)  # fail on a bad config before spawning workers
+    launch(main, args.num_gpus, use_cuda=use_cuda(cfg), args=(args,))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
