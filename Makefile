@@ -13,7 +13,7 @@ venv: .venv/.installed
 	touch $@
 
 demo: venv
-	$(PY) tools/demo_shapes.py
+	$(PY) tools/run_shapes_chain.py
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -6,11 +6,12 @@ setup(
     description="Open-vocabulary object detection: region-based knowledge distillation and pseudo image-level supervision",
     python_requires=">=3.10",
     packages=find_packages(include=["ovd", "ovd.*"]),
+    package_data={"ovd.clip": ["model_configs/*.json"]},
     install_requires=[
         "torch>=2.4,<3",
         "torchvision>=0.19",
         "numpy>=1.24",
-        "open-clip-torch>=2.24,<4",
+        "open-clip-torch>=3.0,<4",
         "pycocotools>=2.0.7",
         "faster-coco-eval>=1.6",
         "opencv-python-headless>=4.8",

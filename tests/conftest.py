@@ -1,4 +1,4 @@
-"""Shared test set-up: offline hub, one thread, fixtures for tiny shapes worlds."""
+"""Shared test set-up: offline hub, one thread, a tiny shapes world, the parity fixtures."""
 
 import os
 
@@ -19,3 +19,49 @@ def parity_fixtures_dir():
     if not root.is_dir():
         pytest.skip(f"parity fixtures not found at {root} (set OVD_PARITY_FIXTURES)")
     return root
+
+
+TINY_OVERRIDES = [
+    # a quarter-width ResNet-18 FPN on 128 px images: ~0.1 s per iteration on one CPU thread
+    "MODEL.DEVICE", "cpu",
+    "MODEL.RESNETS.STEM_OUT_CHANNELS", "16",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS", "16",
+    "MODEL.FPN.OUT_CHANNELS", "32",
+    "MODEL.ROI_BOX_HEAD.FC_DIM", "64",
+    "MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_DIM", "32",
+    "INPUT.MIN_SIZE_TRAIN", "[128]",
+    "INPUT.MAX_SIZE_TRAIN", "128",
+    "INPUT.MIN_SIZE_TEST", "128",
+    "INPUT.MAX_SIZE_TEST", "128",
+    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.WARMUP_ITERS", "5",
+    "DATALOADER.NUM_WORKERS", "0",
+    "LOG_PERIOD", "1",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A 24 + 12 image shapes world at 128 px under a temporary OVD_DATASETS, with 32-d text embeddings.
+
+    Returns (datasets_root, overrides) where overrides point a shapes config at this world.
+    """
+    import numpy as np
+
+    from ovd.clip.text import save_text_embeddings
+    from ovd.data.shapes import SHAPES_CATEGORIES, make_shapes_world
+
+    root = tmp_path_factory.mktemp("datasets")
+    make_shapes_world(root / "shapes", num_train=24, num_val=12, image_size=128, seed=3)
+    emb = np.random.default_rng(0).standard_normal((len(SHAPES_CATEGORIES), 32)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    path = root / "shapes" / "text_embeddings" / "random32.npy"
+    save_text_embeddings(path, emb, names=[c["name"] for c in SHAPES_CATEGORIES], templates=["{}"],
+                         model_name="random", pretrained=None)
+    old = os.environ.get("OVD_DATASETS")
+    os.environ["OVD_DATASETS"] = str(root)
+    yield root, TINY_OVERRIDES + ["MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH", str(path)]
+    if old is None:
+        os.environ.pop("OVD_DATASETS", None)
+    else:
+        os.environ["OVD_DATASETS"] = old
