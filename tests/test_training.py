@@ -86,3 +86,16 @@ def test_two_process_ddp_on_cpu_stays_in_sync(tiny_world, tmp_path):
     launch(_ddp_worker, 2, use_cuda=False, args=(cfg,))
     rows = metrics(tmp_path)
     assert [r["iteration"] for r in rows] == [0, 1, 2]
+
+
+def test_embeddings_that_do_not_match_the_classes_are_refused(tiny_world, tmp_path):
+    import numpy as np
+
+    from ovd.clip.text import save_text_embeddings
+
+    bad = tmp_path / "five.npy"
+    save_text_embeddings(bad, np.eye(5, 32, dtype=np.float32), names=list("abcde"), templates=["{}"],
+                         model_name="random", pretrained=None)
+    cfg = cfg_for(tiny_world, tmp_path, "MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH", str(bad))
+    with pytest.raises(ValueError, match=r"ZEROSHOT_WEIGHT_PATH.*five\.npy.*shapes_train_base"):
+        train(cfg)

@@ -89,10 +89,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         save_config(cfg, out_dir / "config.yaml")
 
     dataset = load_train_dataset(cfg)
-    torch.manual_seed(cfg.SEED)
-    model = build_model(cfg, class_image_counts=torch.from_numpy(dataset.class_image_counts()))
     train_vocab = test_vocabulary(cfg, dataset)  # checks the embeddings file against the training classes
-    model.set_vocabulary(train_vocab)
+    torch.manual_seed(cfg.SEED)
+    model = build_model(cfg, text_embeds=train_vocab, class_image_counts=torch.from_numpy(dataset.class_image_counts()))
     model.to(device)
     optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
