@@ -95,12 +95,25 @@ class ROIBoxHeadConfig:
     USE_BIAS: float = 0.0  # < 0: a learnable scalar logit bias initialised to this value (the original code's key)
     IGNORE_ZERO_CATS: bool = True  # classes without training boxes get zero loss weight
     CAT_FREQ_PATH: str = ""  # [{"id", "image_count"}]; empty: counted from the training annotations
+    USE_FED_LOSS: bool = False  # LVIS: the classification loss covers the batch's classes + sampled others
+    FED_LOSS_NUM_CAT: int = 50
+    WEIGHT_TRANSFER: bool = False  # the weight-transfer classifier (DESIGN §2), W_rkd frozen
+
+
+@dataclass
+class ROIMaskHeadConfig:
+    NUM_CONV: int = 4
+    CONV_DIM: int = 256
+    POOLER_RESOLUTION: int = 14
+    POOLER_SAMPLING_RATIO: int = 0
+    POOLER_ALIGNED: bool = True
 
 
 @dataclass
 class ModelConfig:
     DEVICE: str = "auto"  # "auto" picks CUDA where available
-    WEIGHTS: str = ""
+    WEIGHTS: str = ""  # an `ovd` checkpoint, a bare state dict, or a detectron2-format checkpoint of the original code
+    MASK_ON: bool = False  # class-agnostic mask head (Mask R-CNN, LVIS)
     PIXEL_MEAN: List[float] = _list(103.530, 116.280, 123.675)
     PIXEL_STD: List[float] = _list(1.0, 1.0, 1.0)
     # Vocabulary at test time; empty: the training one (MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH).
@@ -112,6 +125,7 @@ class ModelConfig:
     RPN: RPNConfig = field(default_factory=RPNConfig)
     ROI_HEADS: ROIHeadsConfig = field(default_factory=ROIHeadsConfig)
     ROI_BOX_HEAD: ROIBoxHeadConfig = field(default_factory=ROIBoxHeadConfig)
+    ROI_MASK_HEAD: ROIMaskHeadConfig = field(default_factory=ROIMaskHeadConfig)
 
 
 @dataclass

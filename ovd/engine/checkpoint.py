@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ovd.modeling.detectron2_checkpoint import convert_detectron2_state, is_detectron2_state
 from ovd.utils.io import atomic_path, write_text
 
 logger = logging.getLogger(__name__)
@@ -26,7 +27,10 @@ class CheckpointError(RuntimeError):
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint as a dict (``"model"`` and, for training checkpoints, optimizer/scheduler/scaler/iteration)."""
+    """A checkpoint as a dict (``"model"`` and, for training checkpoints, optimizer/scheduler/scaler/iteration).
+
+    detectron2-format checkpoints of the original code are recognised by their keys and renamed.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -39,6 +43,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if "model" not in data:
         # a bare state dict
         data = {"model": data}
+    if is_detectron2_state(data["model"]):
+        data = {**data, "model": convert_detectron2_state(data["model"], source=str(path))}
     return data
 
 

@@ -11,8 +11,9 @@ from torch import Tensor
 from ovd.clip.text import load_text_embeddings
 from ovd.config import Config
 from ovd.modeling.backbone import Backbone, ResNet, init_weights, read_torchvision_resnet_state
-from ovd.modeling.classifier import ZeroShotClassifier
+from ovd.modeling.classifier import WeightTransferClassifier, ZeroShotClassifier
 from ovd.modeling.detector import OVDetector
+from ovd.modeling.mask_head import MaskHead
 from ovd.modeling.poolers import ROIPooler
 from ovd.modeling.roi_heads import BoxPredictor, FCHead, Res5Head, ROIHeads
 from ovd.modeling.rpn import RPN, AnchorGenerator
@@ -124,13 +125,24 @@ def build_model(cfg: Config, *, text_embeds: Tensor | None = None, class_image_c
     init_weights(backbone.body)
     if not fpn:
         init_weights(box_head)
-    classifier = ZeroShotClassifier(
+    classifier_cls = WeightTransferClassifier if bh.WEIGHT_TRANSFER else ZeroShotClassifier
+    classifier = classifier_cls(
         in_dim=box_head.out_dim,
         text_embeds=text_embeds,
         temperature=bh.NORM_TEMP,
         bias_init=bh.USE_BIAS if bh.USE_BIAS < 0 else None,
     )
     predictor = BoxPredictor(cls_score=classifier, in_dim=box_head.out_dim, freq_weight=freq)
+    mask_pooler = mask_head = None
+    if m.MASK_ON:
+        mh = m.ROI_MASK_HEAD
+        mask_pooler = ROIPooler(
+            output_size=mh.POOLER_RESOLUTION,
+            strides=[backbone.strides[f] for f in roi_in],
+            sampling_ratio=mh.POOLER_SAMPLING_RATIO,
+            aligned=mh.POOLER_ALIGNED,
+        )
+        mask_head = MaskHead(in_channels=backbone.out_channels[roi_in[0]], conv_dim=mh.CONV_DIM, num_conv=mh.NUM_CONV)
     roi_heads = ROIHeads(
         in_features=roi_in,
         pooler=pooler,
@@ -148,6 +160,10 @@ def build_model(cfg: Config, *, text_embeds: Tensor | None = None, class_image_c
         nms_thresh=m.ROI_HEADS.NMS_THRESH_TEST,
         topk_candidates=m.ROI_HEADS.TOPK_CANDIDATES_TEST,
         detections_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+        use_fed_loss=bh.USE_FED_LOSS,
+        fed_loss_num_classes=bh.FED_LOSS_NUM_CAT,
+        mask_pooler=mask_pooler,
+        mask_head=mask_head,
     )
     model = OVDetector(
         backbone=backbone,

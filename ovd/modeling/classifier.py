@@ -26,7 +26,7 @@ class ZeroShotClassifier(nn.Module):
         self.linear = nn.Linear(in_dim, embed_dim)
         self.temperature = temperature
         self.register_buffer("text_embeds", F.normalize(text_embeds.float(), dim=1))
-        self.cls_bias = nn.Parameter(torch.tensor(float(bias_init))) if bias_init is not None else None
+        self.cls_bias = nn.Parameter(torch.tensor([float(bias_init)])) if bias_init is not None else None
 
     @property
     def num_classes(self) -> int:
@@ -44,11 +44,48 @@ class ZeroShotClassifier(nn.Module):
         """Projected region features ``W x`` (Tensor[N, D]), unnormalised; RKD distils these."""
         return self.linear(x)
 
+    def project(self, x: Tensor) -> Tensor:
+        """The embedding the classifier scores (Tensor[N, D]); here the same as `region_embeds`."""
+        return self.linear(x)
+
     def forward(self, x: Tensor) -> Tensor:
         """Logits Tensor[N, C + 1] for region features ``x`` (Tensor[N, in_dim]); the last column is background."""
-        z = F.normalize(self.region_embeds(x), dim=1)
+        z = F.normalize(self.project(x), dim=1)
         logits = self.temperature * z @ self.text_embeds.t().to(z.dtype)
         logits = F.pad(logits, (0, 1))
         if self.cls_bias is not None:
             logits = logits + self.cls_bias
         return logits
+
+
+class WeightTransferClassifier(ZeroShotClassifier):
+    """Weight transfer (DESIGN §2): classification scores ``z = fc4(LeakyReLU(fc3(x))) + W_T x`` with
+    ``W_T = fc2(LeakyReLU(fc1(W_rkd)))``, where ``W_rkd`` (``linear``, from the RKD model) is frozen.
+
+    RKD keeps distilling ``W_rkd x`` (`region_embeds`), so distillation trains the backbone and RoI head while the
+    classification and PIS losses train the transfer path. ``hidden_dim`` is the original code's fixed 1024.
+    """
+
+    def __init__(
+        self,
+        *,
+        in_dim: int,
+        text_embeds: Tensor,
+        temperature: float = 50.0,
+        bias_init: float | None = None,
+        hidden_dim: int = 1024,
+    ) -> None:
+        super().__init__(in_dim=in_dim, text_embeds=text_embeds, temperature=temperature, bias_init=bias_init)
+        embed_dim = text_embeds.shape[1]
+        self.linear.requires_grad_(False)
+        self.fc1 = nn.Linear(in_dim, embed_dim)
+        self.fc2 = nn.Linear(embed_dim, in_dim)
+        self.fc3 = nn.Linear(in_dim, hidden_dim)
+        self.fc4 = nn.Linear(hidden_dim, embed_dim)
+
+    def transfer_weight(self) -> Tensor:
+        """``W_T`` (Tensor[D, in_dim]) computed from the frozen RKD projection."""
+        return self.fc2(F.leaky_relu(self.fc1(self.linear.weight), 0.1))
+
+    def project(self, x: Tensor) -> Tensor:
+        return self.fc4(F.leaky_relu(self.fc3(x), 0.1)) + x @ self.transfer_weight().t()

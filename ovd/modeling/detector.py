@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ovd.modeling.backbone import Backbone
+from ovd.modeling.mask_head import paste_masks
 from ovd.modeling.roi_heads import ROIHeads
 from ovd.modeling.rpn import RPN
 from ovd.structures import ImageSample, Instances
@@ -86,8 +87,8 @@ class OVDetector(nn.Module):
 
 
 def rescale(results: Instances, out_size: tuple[int, int]) -> Instances:
-    """Map boxes from the resized image to ``out_size`` (h, w), clip, drop empty boxes (detectron2's
-    detector_postprocess)."""
+    """Map boxes from the resized image to ``out_size`` (h, w), clip, drop empty boxes, and paste masks at that
+    size (detectron2's detector_postprocess)."""
     h, w = results.image_size
     oh, ow = out_size
     boxes = results.pred_boxes * results.pred_boxes.new_tensor([ow / w, oh / h, ow / w, oh / h])
@@ -96,5 +97,8 @@ def rescale(results: Instances, out_size: tuple[int, int]) -> Instances:
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     fields = {k: v[keep] for k, v in results.fields().items()}
     fields["pred_boxes"] = boxes[keep]
+    probs = fields.pop("pred_mask_probs", None)
+    if probs is not None:
+        fields["pred_masks"] = paste_masks(probs, fields["pred_boxes"], out_size)
     return Instances(out_size, **fields)
 

@@ -48,3 +48,44 @@ def box_reg_loss(pred_deltas: Tensor, gt_deltas: Tensor, fg_mask: Tensor, *, bet
     """
     n = max(pred_deltas.shape[0], 1)
     return smooth_l1_sum(pred_deltas[fg_mask], gt_deltas[fg_mask], beta) / n
+
+
+def federated_classes(gt_classes: Tensor, num_classes: int, *, num_sample: int, weight: Tensor) -> Tensor:
+    """The federated loss's class mask (Tensor[C] of 0/1): classes present in ``gt_classes`` (Tensor[N], C =
+    background) plus classes drawn without replacement with probability ∝ ``weight`` (Tensor[C]) up to ``num_sample``
+    (Zhou et al., "Probabilistic two-stage detection"; the original code's get_fed_loss_inds)."""
+    appeared = torch.unique(gt_classes)
+    if len(appeared) < num_sample:
+        prob = weight.float().clone()
+        prob = torch.cat([prob, prob.new_zeros(1)])
+        prob[appeared] = 0
+        more = torch.multinomial(prob, num_sample - len(appeared), replacement=False)
+        appeared = torch.cat([appeared, more])
+    mask = gt_classes.new_zeros(num_classes + 1, dtype=torch.float32)
+    mask[appeared] = 1
+    return mask[:num_classes]
+
+
+def rkd_l1_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """RKD point-wise loss ``mean |ŝ − t̂|`` over all regions and dimensions (DESIGN §2).
+
+    student: Tensor[N, D] region embeddings ``W x``; teacher: Tensor[N, D] CLIP image embeddings; both are
+    L2-normalised here.
+    """
+    if student.shape[0] == 0:
+        return student.sum() * 0.0
+    return (F.normalize(student, dim=1) - F.normalize(teacher.to(student.dtype), dim=1)).abs().mean()
+
+
+def rkd_irm_loss(student: Tensor, teacher: Tensor, *, normalize: bool = False) -> Tensor:
+    """RKD inter-embedding relationship loss ``‖rownorm(ŝŝᵀ) − rownorm(t̂t̂ᵀ)‖_F²`` over the N regions of the batch
+    (each row of the N×N similarity matrices divided by its L1 norm, as the original code does). ``normalize`` divides by the N² entries, which keeps the
+    term's scale independent of the batch (off in the paper)."""
+    n = student.shape[0]
+    if n == 0:
+        return student.sum() * 0.0
+    s = F.normalize(student, dim=1)
+    t = F.normalize(teacher.to(student.dtype), dim=1)
+    diff = F.normalize(s @ s.t(), p=1, dim=1) - F.normalize(t @ t.t(), p=1, dim=1)
+    loss = (diff**2).sum()
+    return loss / (n * n) if normalize else loss

@@ -10,7 +10,8 @@ from torchvision.models.detection._utils import BalancedPositiveNegativeSampler,
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
 from ovd.modeling.classifier import ZeroShotClassifier
-from ovd.modeling.losses import box_reg_loss, sigmoid_ce_loss, softmax_ce_loss
+from ovd.modeling.losses import box_reg_loss, federated_classes, sigmoid_ce_loss, softmax_ce_loss
+from ovd.modeling.mask_head import MaskHead, mask_loss, mask_targets
 from ovd.modeling.poolers import ROIPooler
 from ovd.modeling.rpn import BBOX_CLAMP
 from ovd.structures import Instances
@@ -89,10 +90,16 @@ class ROIHeads(nn.Module):
         nms_thresh: float = 0.5,
         topk_candidates: int = 0,
         detections_per_image: int = 100,
+        use_fed_loss: bool = False,
+        fed_loss_num_classes: int = 50,
+        mask_pooler: ROIPooler | None = None,
+        mask_head: MaskHead | None = None,
     ) -> None:
         super().__init__()
         self.in_features = list(in_features)
         self.pooler, self.box_head, self.box_predictor = pooler, box_head, box_predictor
+        self.mask_pooler, self.mask_head = mask_pooler, mask_head
+        self.use_fed_loss, self.fed_loss_num_classes = use_fed_loss, fed_loss_num_classes
         self.matcher = Matcher(iou_threshold, iou_threshold, allow_low_quality_matches=False)
         self.sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
         self.proposal_append_gt = proposal_append_gt
@@ -120,6 +127,7 @@ class ROIHeads(nn.Module):
             if self.proposal_append_gt:
                 boxes = torch.cat([boxes, g.gt_boxes.to(boxes.dtype)])
             if len(g) == 0:
+                matched = torch.full((len(boxes),), -1, dtype=torch.int64, device=boxes.device)
                 classes = torch.full((len(boxes),), c, dtype=torch.int64, device=boxes.device)
                 matched_boxes = torch.zeros_like(boxes)
             else:
@@ -129,15 +137,19 @@ class ROIHeads(nn.Module):
                 matched_boxes = g.gt_boxes[matched.clamp(min=0)]
             pos, neg = self.sampler([(classes != c).to(torch.int64)])
             idx = torch.nonzero(pos[0].bool() | neg[0].bool(), as_tuple=True)[0]
-            out.append(
-                Instances(g.image_size, proposal_boxes=boxes[idx], gt_classes=classes[idx], gt_boxes=matched_boxes[idx])
-            )
+            out.append(Instances(g.image_size, proposal_boxes=boxes[idx], gt_classes=classes[idx],
+                                 gt_boxes=matched_boxes[idx], gt_index=matched[idx]))
         return out
 
-    def class_loss_weight(self) -> Tensor | None:
-        if not self.ignore_zero_cats:
-            return None
-        return (self.box_predictor.freq_weight > 1e-4).float()
+    def class_loss_weight(self, gt_classes: Tensor) -> Tensor | None:
+        """Per-class weight Tensor[C] of the classification loss: zero for classes without training images
+        (IGNORE_ZERO_CATS) and, with the federated loss, for classes outside this batch's sample."""
+        freq = self.box_predictor.freq_weight
+        weight = (freq > 1e-4).float() if self.ignore_zero_cats else None
+        if self.use_fed_loss:
+            fed = federated_classes(gt_classes, self.num_classes, num_sample=self.fed_loss_num_classes, weight=freq)
+            weight = fed if weight is None else weight * fed
+        return weight
 
     def losses(self, features: dict[str, Tensor], proposals: list[Instances], gt: list[Instances]) -> dict[str, Tensor]:
         """Classification and box-regression losses on the sampled proposals."""
@@ -148,10 +160,25 @@ class ROIHeads(nn.Module):
         boxes = torch.cat([s.proposal_boxes for s in sampled])
         gt_deltas = self.box_coder.encode_single(torch.cat([s.gt_boxes for s in sampled]), boxes)
         loss_fn = sigmoid_ce_loss if self.use_sigmoid_ce else softmax_ce_loss
-        return {
-            "loss_cls": loss_fn(logits, gt_classes, self.class_loss_weight()),
-            "loss_box_reg": box_reg_loss(deltas, gt_deltas, gt_classes < self.num_classes, beta=self.smooth_l1_beta),
+        fg = gt_classes < self.num_classes
+        losses = {
+            "loss_cls": loss_fn(logits, gt_classes, self.class_loss_weight(gt_classes)),
+            "loss_box_reg": box_reg_loss(deltas, gt_deltas, fg, beta=self.smooth_l1_beta),
         }
+        if self.mask_head is not None:
+            losses["loss_mask"] = self.mask_losses(features, sampled, gt)
+        return losses
+
+    def mask_losses(self, features: dict[str, Tensor], sampled: list[Instances], gt: list[Instances]) -> Tensor:
+        """Mask BCE on the foreground proposals, against each matched gt mask cut out by the proposal box."""
+        c = self.num_classes
+        fg = [s[s.gt_classes < c] for s in sampled]
+        logits = self.mask_head(self.mask_pooler([features[f] for f in self.in_features], [f.proposal_boxes for f in fg]))
+        size = logits.shape[-1]
+        targets = [mask_targets(g.gt_masks[f.gt_index], f.proposal_boxes, size) for f, g in zip(fg, gt) if len(f)]
+        if not targets:
+            return logits.sum() * 0.0
+        return mask_loss(logits, torch.cat(targets))
 
     @torch.no_grad()
     def predict(self, features: dict[str, Tensor], proposals: list[Instances]) -> list[Instances]:
@@ -163,6 +190,11 @@ class ROIHeads(nn.Module):
         for props, s, d in zip(proposals, scores.split([len(b) for b in boxes]), deltas.split([len(b) for b in boxes])):
             pred = self.box_coder.decode_single(d, props.proposal_boxes)
             out.append(self.postprocess(pred, s, props.image_size))
+        if self.mask_head is not None:
+            feats = [features[f] for f in self.in_features]
+            probs = self.mask_head(self.mask_pooler(feats, [r.pred_boxes for r in out])).sigmoid()[:, 0]
+            for r, p in zip(out, probs.split([len(r) for r in out])):
+                r.pred_mask_probs = p
         return out
 
     def postprocess(self, boxes: Tensor, scores: Tensor, image_size: tuple[int, int]) -> Instances:

@@ -108,20 +108,38 @@ class RPN(nn.Module):
 
         features: name -> Tensor[B, C, H, W]; image_sizes: (h, w) of each image before padding.
         """
-        feats = [features[f] for f in self.in_features]
-        logits, deltas = self.head(feats)
-        anchors = self.anchor_generator([tuple(f.shape[-2:]) for f in feats], feats[0].device)
-        b = feats[0].shape[0]
-        # (B, A, H, W) -> (B, H*W*A), matching the anchors' (y, x, a) order
-        logits = [x.permute(0, 2, 3, 1).flatten(1) for x in logits]
-        deltas = [
-            x.view(b, -1, 4, x.shape[-2], x.shape[-1]).permute(0, 3, 4, 1, 2).flatten(1, -2) for x in deltas
-        ]
+        anchors, logits, deltas = self.predictions(features)
         proposals = self.select_proposals(anchors, logits, deltas, image_sizes, training=gt is not None)
         losses = {}
         if gt is not None:
             losses = self.losses(torch.cat(anchors), torch.cat(logits, 1), torch.cat(deltas, 1), gt)
         return proposals, losses
+
+    def predictions(self, features: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Per level: anchors Tensor[HWA, 4], objectness logits Tensor[B, HWA], deltas Tensor[B, HWA, 4],
+        flattened in the anchors' (y, x, a) order."""
+        feats = [features[f] for f in self.in_features]
+        logits, deltas = self.head(feats)
+        anchors = self.anchor_generator([tuple(f.shape[-2:]) for f in feats], feats[0].device)
+        b = feats[0].shape[0]
+        logits = [x.permute(0, 2, 3, 1).flatten(1) for x in logits]
+        deltas = [x.view(b, -1, 4, x.shape[-2], x.shape[-1]).permute(0, 3, 4, 1, 2).flatten(1, -2) for x in deltas]
+        return anchors, logits, deltas
+
+    @torch.no_grad()
+    def level_topk(
+        self, anchors: list[Tensor], logits: list[Tensor], deltas: list[Tensor], *, training: bool
+    ) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Per level, the pre-NMS top-k: (anchor indices Tensor[B, k], logits Tensor[B, k], decoded boxes
+        Tensor[B, k, 4]), sorted by logit."""
+        out = []
+        for a, lg, dl in zip(anchors, logits, deltas):
+            b, k = lg.shape[0], min(self.pre_nms_topk[training], lg.shape[1])
+            lg, idx = lg.topk(k, dim=1)
+            dl = dl[torch.arange(b, device=lg.device)[:, None], idx]
+            boxes = self.box_coder.decode_single(dl.reshape(-1, 4), a[idx.reshape(-1)]).view(b, k, 4)
+            out.append((idx, lg, boxes))
+        return out
 
     @torch.no_grad()
     def select_proposals(
@@ -134,18 +152,11 @@ class RPN(nn.Module):
         training: bool,
     ) -> list[Instances]:
         """detectron2's find_top_rpn_proposals: top-k per level, clip, drop empty boxes, NMS per level, top-k."""
-        b = len(image_sizes)
-        device = logits[0].device
-        top_logits, top_boxes, level_ids = [], [], []
-        for lvl, (a, lg, dl) in enumerate(zip(anchors, logits, deltas)):
-            k = min(self.pre_nms_topk[training], lg.shape[1])
-            lg, idx = lg.topk(k, dim=1)
-            dl = dl[torch.arange(b, device=device)[:, None], idx]
-            boxes = self.box_coder.decode_single(dl.reshape(-1, 4), a[idx.reshape(-1)]).view(b, k, 4)
-            top_logits.append(lg)
-            top_boxes.append(boxes)
-            level_ids.append(torch.full((k,), lvl, dtype=torch.int64, device=device))
-        top_logits, top_boxes, level_ids = torch.cat(top_logits, 1), torch.cat(top_boxes, 1), torch.cat(level_ids)
+        top = self.level_topk(anchors, logits, deltas, training=training)
+        top_logits = torch.cat([t[1] for t in top], 1)
+        top_boxes = torch.cat([t[2] for t in top], 1)
+        level_ids = torch.cat([torch.full((t[1].shape[1],), i, dtype=torch.int64, device=top_logits.device)
+                               for i, t in enumerate(top)])
         out = []
         for i, size in enumerate(image_sizes):
             boxes, scores, lvl = top_boxes[i], top_logits[i], level_ids

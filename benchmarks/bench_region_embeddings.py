@@ -1,0 +1,100 @@
+"""Regions per second of the region-embedding extractor against the bare CLIP image encoder.
+
+The extractor runs end to end (annotations and proposals read, NMS, images decoded, regions cropped and preprocessed in
+DataLoader workers, encoding, the store written and finalised) on a shapes world's train images with noisy-oracle
+proposals. The bare encoder gets the same regions already cropped and preprocessed, in memory: the same model (the
+toy CLIP, random init), batch size and thread count. Rounds alternate so drift in machine load hits both; the best
+round of each counts.
+
+    python benchmarks/bench_region_embeddings.py [--num-images 200] [--threads N] [--num-workers 1] [--world DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+
+from ovd.clip import load_clip
+from ovd.clip.regions import RegionPreprocessor, crop_regions, encode_regions, select_regions
+from ovd.data.catalog import DatasetSpec
+from ovd.data.datasets import load_coco_json
+from ovd.data.mapper import read_image
+from ovd.data.proposals import load_proposals, make_oracle_proposals
+from ovd.data.region_extraction import extract_region_embeddings
+from ovd.data.shapes import make_shapes_world
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world", type=Path, help="an existing shapes world (default: generate one in a temporary folder)")
+    p.add_argument("--num-images", type=int, default=200, help="train images of a generated world (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--rounds", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        world = args.world or make_shapes_world(tmp / "world", num_train=args.num_images, num_val=1, seed=0)
+        ann, image_root = world / "annotations" / "train_all.json", world / "images" / "train"
+        proposals_file = tmp / "proposals.json"
+        make_oracle_proposals(ann, proposals_file, seed=0)
+        bundle = load_clip("ovd-toy-vit", seed=0)
+
+        records = load_coco_json(DatasetSpec("bench", ann, image_root)).records
+        proposals, _ = load_proposals(proposals_file, image_sizes={r.image_id: (r.height, r.width) for r in records})
+        preprocessor = RegionPreprocessor(bundle)
+        crops = []
+        for r in records:
+            boxes, scores = proposals[r.image_id]
+            keep = select_regions(boxes, scores, top_k=args.top_k, nms_thresh=0.5)
+            crops.append(preprocessor(crop_regions(read_image(r.file_name), boxes[keep])))
+        crops = torch.cat(crops)
+        batches = crops.split(args.batch_size)
+
+        def bare() -> float:
+            start = time.perf_counter()
+            for batch in batches:
+                encode_regions(bundle, batch)
+            return len(crops) / (time.perf_counter() - start)
+
+        def extractor() -> float:
+            summary = extract_region_embeddings(
+                bundle, dataset_json=ann, image_root=image_root, proposals_file=proposals_file, out_dir=tmp / "store",
+                top_k=args.top_k, batch_size=args.batch_size, num_workers=args.num_workers, overwrite=True,
+                progress=False,
+            )
+            assert summary.regions == len(crops)
+            return summary.regions / summary.seconds
+
+        bare()  # warm-up
+        rates_bare, rates_extractor = [], []
+        for _ in range(args.rounds):
+            rates_bare.append(bare())
+            (tmp / "store" / "meta.json").unlink(missing_ok=True)  # a finished store would be returned as is
+            rates_extractor.append(extractor())
+
+    best_bare, best_extractor = max(rates_bare), max(rates_extractor)
+    print(f"CPU, {args.threads} thread(s), {args.num_workers} worker(s), toy CLIP (ViT 64 px, D=128, random init), "
+          f"{len(records)} images, {len(crops)} regions (top {args.top_k}), batch {args.batch_size}, "
+          f"best of {args.rounds} rounds")
+    print(f"{'':28s} {'regions/s':>10}")
+    print(f"{'bare encoder (pre-cropped)':28s} {best_bare:10.0f}")
+    print(f"{'extractor (end to end)':28s} {best_extractor:10.0f}")
+    print(f"{'ratio':28s} {best_extractor / best_bare:10.2f}")
+    print("rounds (bare, extractor): " + ", ".join(f"({a:.0f}, {b:.0f})" for a, b in zip(rates_bare, rates_extractor)))
+
+
+if __name__ == "__main__":
+    main()
