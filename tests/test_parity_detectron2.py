@@ -277,3 +277,28 @@ def load_original_bgr(fixture, i):
     _, root, _, _, _ = fixture
     rgb = read_image(root / f"image{i}.png")
     return torch.from_numpy(np.ascontiguousarray(rgb[:, :, ::-1].transpose(2, 0, 1)))
+
+
+def test_convert_tool_writes_an_ovd_checkpoint(fixture, tmp_path):
+    import importlib.util
+
+    name, root, cfg, model, _ = fixture
+    spec = importlib.util.spec_from_file_location("convert", "tools/convert_detectron2_checkpoint.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "converted.pth"
+    tool.main([str(root / "model_final.pth"), str(out)])
+    state = torch.load(out, map_location="cpu", weights_only=True)["model"]
+    own = model.state_dict()
+    assert state.keys() == own.keys() and all(torch.equal(state[k], own[k]) for k in own)
+
+
+def test_checkpoint_for_other_widths_lists_the_mismatched_keys(parity_fixtures_dir):
+    from ovd.engine.checkpoint import CheckpointError
+
+    root = parity_fixtures_dir / "ocovd_c4_tiny"
+    cfg = load_config(FIXTURES["ocovd_c4_tiny"][0], ["MODEL.DEVICE", "cpu"])  # full-size widths
+    model = build_model(cfg, text_embeds=torch.randn(80, 512), class_image_counts=torch.ones(80))
+    with pytest.raises(CheckpointError, match=r"(?s)model_final\.pth does not fit.*backbone\.body\.conv1\.weight: "
+                                              r"checkpoint shape \[16, 3, 7, 7\], model shape \[64, 3, 7, 7\]"):
+        load_model_state(model, read_checkpoint(root / "model_final.pth")["model"], source=str(root / "model_final.pth"))

@@ -115,6 +115,7 @@ def runs(tiny_world, tmp_path_factory):
     return world, root / "a", a, root / "b", b
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_weights_and_reload_is_the_trained_model(runs):
     world, folder_a, metrics_a, folder_b, metrics_b = runs
     a, b = load_clip(f"local-dir:{folder_a}"), load_clip(f"local-dir:{folder_b}")
@@ -131,6 +132,7 @@ def test_same_seed_gives_identical_weights_and_reload_is_the_trained_model(runs)
     assert not torch.equal(other["visual.conv1.weight"], a.model.state_dict()["visual.conv1.weight"])
 
 
+@pytest.mark.slow
 def test_loss_goes_down_and_the_model_learns_its_training_crops(runs):
     world, folder_a, metrics_a, _, _ = runs
     losses = metrics_a["losses"]
@@ -142,6 +144,7 @@ def test_loss_goes_down_and_the_model_learns_its_training_crops(runs):
     assert trained["all"] > 0.4 and trained["all"] > untrained["all"] + 0.2
 
 
+@pytest.mark.slow
 def test_cli_skips_a_finished_run_and_overwrite_retrains(runs, tmp_path, capsys):
     world, folder_a, metrics_a, _, _ = runs
     out = tmp_path / "toy_clip"

@@ -83,10 +83,15 @@ class RegionPreprocessor:
             return torch.zeros((0, *self.image_size, 3), dtype=torch.uint8)
         return torch.from_numpy(np.stack(out))
 
-    def normalize(self, crops: Tensor) -> Tensor:
-        """uint8 Tensor[K, S, S, 3] (any device) → float32 Tensor[K, 3, S, S], CLIP-normalised."""
-        x = crops.permute(0, 3, 1, 2).float().div(255)
-        return x.sub_(self._mean.to(x.device)).div_(self._std.to(x.device))
+    def normalize(self, crops: Tensor, *, out: Tensor | None = None) -> Tensor:
+        """uint8 Tensor[K, S, S, 3] (any device) → float32 Tensor[K, 3, S, S], CLIP-normalised.
+
+        ``out``: float32 Tensor[K, 3, S, S] on the same device to write into (a reused buffer spares the allocation,
+        which costs as much as the arithmetic here).
+        """
+        pixels = crops.permute(0, 3, 1, 2)
+        x = pixels.float() if out is None else out.copy_(pixels)
+        return x.div_(255).sub_(self._mean.to(x.device)).div_(self._std.to(x.device))
 
     def __call__(self, crops: Sequence[np.ndarray]) -> Tensor:
         """uint8 crops [h_i, w_i, 3] → float32 Tensor[K, 3, S, S], equal to stacking ``bundle.preprocess`` of each."""

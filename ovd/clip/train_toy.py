@@ -341,7 +341,7 @@ def train_toy_clip(
         losses.append(loss.item())
         if (step + 1) % 25 == 0 or step + 1 == steps:
             log(f"toy CLIP: step {step + 1}/{steps}  loss {np.mean(losses[-25:]):.4f}  "
-                f"logit scale {float(model.logit_scale.exp()):.1f}  {time.perf_counter() - start:.0f} s")
+                f"logit scale {model.logit_scale.exp().item():.1f}  {time.perf_counter() - start:.0f} s")
     model.eval()
     train_seconds = time.perf_counter() - start
     zero_shot = evaluate_zero_shot(bundle, val)

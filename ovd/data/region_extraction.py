@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm import tqdm
 
 from ovd.clip.models import ClipBundle
@@ -186,11 +186,11 @@ def extract_region_embeddings(
     items = [(r.image_id, r.file_name, (r.height, r.width), selected[r.image_id]) for c in pending for r in chunks[c]]
     crops = _iter_crops(RegionCropDataset(items, preprocessor), top_k=top_k, batch_size=batch_size,
                         num_workers=num_workers, pin_memory=device.type == "cuda")
+    encoder = _BatchEncoder(bundle, preprocessor, batch_size)
     encoded = 0
     with tqdm(total=len(items), desc="region embeddings", unit="img", disable=not progress) as bar:
         for c in pending:
             ids = np.array([r.image_id for r in chunks[c]], np.int64)
-            encoder = _ChunkEncoder(bundle, preprocessor, batch_size)
             counts = []
             for image_id in ids.tolist():
                 got_id, image_crops = next(crops)
@@ -199,7 +199,7 @@ def extract_region_embeddings(
                 counts.append(len(image_crops))
                 encoder.add(image_crops)
                 bar.update()
-            embeds = encoder.finish()
+            embeds = encoder.flush()
             writer.write_chunk(c, image_ids=ids, counts=np.array(counts, np.int64),
                                boxes=np.concatenate([selected[i] for i in ids.tolist()]), embeds=embeds)
             encoded += len(embeds)
@@ -231,44 +231,60 @@ def _iter_crops(
         batch_size=max(1, batch_size // top_k),
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=list,
+        collate_fn=_collate_crops,
         pin_memory=pin_memory,
     )
-    for batch in loader:
-        yield from batch
+    for image_ids, counts, crops in loader:
+        yield from zip(image_ids, crops.split(counts))
 
 
-class _ChunkEncoder:
-    """Encodes one chunk's crops as they arrive, in batches of ``batch_size`` that start at the chunk's first region,
-    so the embeddings depend on the chunk alone (encoder numerics vary slightly with the batch's make-up)."""
+def _collate_crops(items: list[tuple[int, torch.Tensor]]) -> tuple[list[int], list[int], torch.Tensor]:
+    """``(image_ids, counts, crops uint8 [sum(counts), S, S, 3])``: one tensor per batch, because every tensor a
+    worker hands over costs a shared-memory segment of its own."""
+    crops = [c for _, c in items]
+    out = torch.empty((sum(len(c) for c in crops), *crops[0].shape[1:]), dtype=torch.uint8)
+    if get_worker_info() is not None:
+        out.share_memory_()  # written in place where the main process will read it, instead of copied there
+    return [i for i, _ in items], [len(c) for c in crops], torch.cat(crops, out=out)
+
+
+class _BatchEncoder:
+    """Encodes crops as they arrive, in batches of ``batch_size``; :meth:`flush` also encodes a partial batch, so
+    calling it at the end of each chunk makes a chunk's embeddings depend on the chunk alone (encoder numerics vary
+    slightly with the make-up of a batch). Staging and input buffers are reused across batches."""
 
     def __init__(self, bundle: ClipBundle, preprocessor: RegionPreprocessor, batch_size: int) -> None:
-        self.bundle, self.preprocessor, self.batch_size = bundle, preprocessor, batch_size
+        self.bundle, self.preprocessor = bundle, preprocessor
         self.device = next(bundle.model.parameters()).device
-        self.waiting: list[torch.Tensor] = []
-        self.num_waiting = 0
+        height, width = preprocessor.image_size
+        self.staging = torch.empty((batch_size, height, width, 3), dtype=torch.uint8)
+        self.pixels = torch.empty((batch_size, 3, height, width), dtype=torch.float32, device=self.device)
+        self.num_staged = 0
         self.done: list[torch.Tensor] = []
 
     def add(self, crops: torch.Tensor) -> None:
         """crops: uint8 Tensor[k, S, S, 3]."""
-        self.waiting.append(crops)
-        self.num_waiting += len(crops)
-        if self.num_waiting >= self.batch_size:
-            batches = torch.cat(self.waiting).split(self.batch_size)
-            full, rest = (batches, []) if len(batches[-1]) == self.batch_size else (batches[:-1], [batches[-1]])
-            self.done.extend(self._encode(b) for b in full)
-            self.waiting, self.num_waiting = rest, sum(len(b) for b in rest)
+        while len(crops):
+            take = min(len(crops), len(self.staging) - self.num_staged)
+            self.staging[self.num_staged : self.num_staged + take] = crops[:take]
+            self.num_staged += take
+            crops = crops[take:]
+            if self.num_staged == len(self.staging):
+                self._encode()
 
-    def finish(self) -> np.ndarray:
-        """float32 [regions, D] of everything added."""
-        if self.num_waiting:
-            self.done.append(self._encode(torch.cat(self.waiting)))
-        if not self.done:
-            return np.zeros((0, self.bundle.embed_dim), np.float32)
-        return torch.cat(self.done).numpy()
+    def flush(self) -> np.ndarray:
+        """float32 [regions, D]: the embeddings of everything added since the last flush."""
+        if self.num_staged:
+            self._encode()
+        out = torch.cat(self.done).numpy() if self.done else np.zeros((0, self.bundle.embed_dim), np.float32)
+        self.done = []
+        return out
 
-    def _encode(self, crops: torch.Tensor) -> torch.Tensor:
-        return encode_regions(self.bundle, self.preprocessor.normalize(crops.to(self.device, non_blocking=True)))
+    def _encode(self) -> None:
+        n = self.num_staged
+        pixels = self.preprocessor.normalize(self.staging[:n].to(self.device), out=self.pixels[:n])
+        self.done.append(encode_regions(self.bundle, pixels))
+        self.num_staged = 0
 
 
 def _sha256(path: Path) -> str:
