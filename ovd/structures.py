@@ -79,12 +79,15 @@ class ImageSample:
     orig_size: (height, width) of the image on disk; predictions are mapped back to it.
     gt: ground truth in resized-image pixels, fields ``gt_boxes`` (Tensor[N, 4] xyxy) and ``gt_classes``
         (Tensor[N] contiguous class indices into the training vocabulary); None at test time.
+    regions: distillation regions in resized-image pixels, fields ``boxes`` (Tensor[K, 4] xyxy) and ``embeds``
+        (Tensor[K, D], the teacher's CLIP image embeddings); None without RKD.
     """
 
     image: Tensor
     image_id: int
     orig_size: tuple[int, int]
     gt: Instances | None = None
+    regions: Instances | None = None
     file_name: str = ""
 
     @property

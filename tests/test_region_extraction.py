@@ -69,6 +69,8 @@ def test_preprocessor_equals_clip_preprocess(toy):
     preprocessor = RegionPreprocessor(toy)
     expected = torch.stack([toy.preprocess(Image.fromarray(np.ascontiguousarray(c))) for c in crops])
     assert torch.equal(preprocessor(crops), expected)
+    buffer = torch.full((len(crops) + 2, 3, 64, 64), float("nan"))
+    assert torch.equal(preprocessor.normalize(preprocessor.geometry(crops), out=buffer[: len(crops)]), expected)
     assert preprocessor([]).shape == (0, 3, 64, 64)
 
 

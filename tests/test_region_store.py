@@ -131,8 +131,12 @@ def test_writer_resumes_only_the_same_job(tmp_path):
     with pytest.raises(ValueError, match=r"chunks \[1\] are not written"):
         writer.finalize([0, 1])
 
+    leftovers = [path / ".embeddings.npy.x1.tmp", path / "chunks" / ".000001.npz.x2.tmp"]  # of a SIGKILL
+    for p in leftovers:
+        p.write_bytes(b"partial")
     again = RegionStoreWriter(path, job=JOB)  # a rerun after a kill
     assert again.has_chunk(0) and not again.has_chunk(1)
+    assert not any(p.exists() for p in leftovers)
     with pytest.raises(FileExistsError, match=r"partial extraction with other settings \(top_k: 3 \(existing\) vs 5"):
         RegionStoreWriter(path, job={**JOB, "top_k": 5})
     assert not RegionStoreWriter(path, job={**JOB, "top_k": 5}, overwrite=True).has_chunk(0)

@@ -114,6 +114,13 @@ class ModelConfig:
     DEVICE: str = "auto"  # "auto" picks CUDA where available
     WEIGHTS: str = ""  # an `ovd` checkpoint, a bare state dict, or a detectron2-format checkpoint of the original code
     MASK_ON: bool = False  # class-agnostic mask head (Mask R-CNN, LVIS)
+    # Region-based knowledge distillation (DESIGN §2); the original code's key names
+    DISTILLATION: bool = False
+    RKD_FEAT_PATH: str = ""  # region-embedding store of the training images (tools/extract_region_embeddings.py)
+    NUM_DISTIL_PROP: int = 5  # regions per image used for distillation
+    DISTIL_L1_LOSS_WEIGHT: float = 0.15  # × 100, as in the paper
+    IRM_LOSS_WEIGHT: float = 0.15  # × 100
+    IRM_LOSS_NORMALIZE: bool = False  # divide the IRM term by the N² entries of the Gram matrix (ours; off = paper)
     PIXEL_MEAN: List[float] = _list(103.530, 116.280, 123.675)
     PIXEL_STD: List[float] = _list(1.0, 1.0, 1.0)
     # Vocabulary at test time; empty: the training one (MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH).
@@ -179,6 +186,8 @@ class TestConfig:
     EVAL_PERIOD: int = 0  # 0: evaluate only at the end
     DETECTIONS_PER_IMAGE: int = 100
     IMS_PER_BATCH: int = 1  # images per inference batch on each worker
+    # region-embedding store of the first test dataset: evaluation then also reports distillation fidelity
+    RKD_FEAT_PATH: str = ""
 
 
 @dataclass

@@ -10,6 +10,7 @@ from ovd.config import Config
 from ovd.data.catalog import get_dataset
 from ovd.data.datasets import DetectionDataset, load_coco_json
 from ovd.data.mapper import DatasetMapper
+from ovd.data.region_store import RegionStore
 from ovd.data.samplers import InferenceBatchSampler, TrainingBatchSampler
 from ovd.structures import ImageSample
 
@@ -49,10 +50,29 @@ def load_train_dataset(cfg: Config) -> DetectionDataset:
     return dataset
 
 
+def open_region_store(cfg: Config, *, expected_model: str | None = None) -> RegionStore:
+    """The RKD region store of MODEL.RKD_FEAT_PATH, checked against the classifier's embedding size (and the
+    teacher model that made the text embeddings, where known)."""
+    if not cfg.MODEL.RKD_FEAT_PATH:
+        raise ValueError("MODEL.DISTILLATION is on but MODEL.RKD_FEAT_PATH (the region-embedding store) is empty")
+    try:
+        return RegionStore.open(cfg.MODEL.RKD_FEAT_PATH, expected_model=expected_model,
+                                expected_dim=cfg.MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_DIM)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"MODEL.RKD_FEAT_PATH: {e}") from None
+
+
 def build_train_loader(
-    cfg: Config, dataset: DetectionDataset, *, rank: int = 0, world_size: int = 1, start_iter: int = 0
+    cfg: Config,
+    dataset: DetectionDataset,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    start_iter: int = 0,
+    region_store: RegionStore | None = None,
 ) -> DataLoader:
-    """Endless loader of lists of `ImageSample` (IMS_PER_BATCH / world_size per rank), resumable at ``start_iter``."""
+    """Endless loader of lists of `ImageSample` (IMS_PER_BATCH / world_size per rank), resumable at ``start_iter``;
+    with ``region_store``, each sample carries its distillation regions."""
     mapper = DatasetMapper(
         is_train=True,
         min_sizes=cfg.INPUT.MIN_SIZE_TRAIN,
@@ -61,6 +81,8 @@ def build_train_loader(
         random_flip=cfg.INPUT.RANDOM_FLIP == "horizontal",
         input_format=cfg.INPUT.FORMAT,
         category_ids=dataset.category_ids,
+        region_store=region_store,
+        num_regions=cfg.MODEL.NUM_DISTIL_PROP,
     )
     sampler = TrainingBatchSampler(
         len(dataset),
@@ -73,13 +95,17 @@ def build_train_loader(
     return _loader(MappedDataset(dataset, mapper), sampler, cfg.DATALOADER.NUM_WORKERS)
 
 
-def build_test_loader(cfg: Config, dataset: DetectionDataset, *, rank: int = 0, world_size: int = 1) -> DataLoader:
+def build_test_loader(
+    cfg: Config, dataset: DetectionDataset, *, rank: int = 0, world_size: int = 1, region_store: RegionStore | None = None
+) -> DataLoader:
     mapper = DatasetMapper(
         is_train=False,
         min_sizes=[cfg.INPUT.MIN_SIZE_TEST],
         max_size=cfg.INPUT.MAX_SIZE_TEST,
         input_format=cfg.INPUT.FORMAT,
         category_ids=dataset.category_ids,
+        region_store=region_store,
+        num_regions=cfg.MODEL.NUM_DISTIL_PROP,
     )
     sampler = InferenceBatchSampler(len(dataset), batch_size=cfg.TEST.IMS_PER_BATCH, rank=rank, world_size=world_size)
     return _loader(MappedDataset(dataset, mapper), sampler, cfg.DATALOADER.NUM_WORKERS)

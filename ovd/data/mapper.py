@@ -13,6 +13,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ovd.data.datasets import ImageRecord
+from ovd.data.region_store import RegionStore
 from ovd.structures import ImageSample, Instances
 
 
@@ -73,6 +74,8 @@ class DatasetMapper:
         random_flip: bool = False,
         input_format: str = "BGR",
         category_ids: list[int],
+        region_store: RegionStore | None = None,
+        num_regions: int = 5,
     ) -> None:
         if size_sampling not in ("choice", "range"):
             raise ValueError(f"INPUT.MIN_SIZE_TRAIN_SAMPLING must be 'choice' or 'range', got {size_sampling!r}")
@@ -81,6 +84,7 @@ class DatasetMapper:
         self.is_train, self.min_sizes, self.max_size = is_train, list(min_sizes), max_size
         self.size_sampling, self.random_flip, self.input_format = size_sampling, random_flip, input_format
         self.class_index = {cid: i for i, cid in enumerate(category_ids)}
+        self.region_store, self.num_regions = region_store, num_regions
 
     def transform_for(self, h: int, w: int, rng: np.random.Generator | None) -> ResizeFlip:
         if not self.is_train or rng is None:
@@ -111,4 +115,10 @@ class DatasetMapper:
                 gt_boxes=torch.from_numpy(tf.apply_boxes(record.boxes)),
                 gt_classes=torch.tensor([self.class_index[c] for c in record.category_ids.tolist()], dtype=torch.int64),
             )
-        return ImageSample(image=tensor, image_id=record.image_id, orig_size=(h, w), gt=gt, file_name=str(record.file_name))
+        regions = None
+        if self.region_store is not None:
+            boxes, embeds = self.region_store.get(record.image_id)
+            boxes, embeds = boxes[: self.num_regions], embeds[: self.num_regions]
+            regions = Instances(tf.out_size, boxes=torch.from_numpy(tf.apply_boxes(boxes)), embeds=torch.from_numpy(embeds))
+        return ImageSample(image=tensor, image_id=record.image_id, orig_size=(h, w), gt=gt, regions=regions,
+                           file_name=str(record.file_name))

@@ -8,6 +8,7 @@ unsharded run byte for byte (on the same device and thread count).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -30,6 +31,8 @@ from ovd.data.proposals import load_proposals
 from ovd.data.region_store import RegionStoreWriter
 
 __all__ = ["ExtractionSummary", "RegionCropDataset", "extract_region_embeddings"]
+
+_REGIONS_PER_LOADER_ITEM = 32
 
 
 @dataclass
@@ -185,10 +188,12 @@ def extract_region_embeddings(
     preprocessor = RegionPreprocessor(bundle)
     items = [(r.image_id, r.file_name, (r.height, r.width), selected[r.image_id]) for c in pending for r in chunks[c]]
     crops = _iter_crops(RegionCropDataset(items, preprocessor), top_k=top_k, batch_size=batch_size,
-                        num_workers=num_workers, pin_memory=device.type == "cuda")
+                        num_workers=num_workers)
     encoder = _BatchEncoder(bundle, preprocessor, batch_size)
     encoded = 0
-    with tqdm(total=len(items), desc="region embeddings", unit="img", disable=not progress) as bar:
+    # Closing the generator shuts the loader's workers down at once, also when a chunk fails.
+    with contextlib.closing(crops), tqdm(total=len(items), desc="region embeddings", unit="img",
+                                         disable=not progress) as bar:
         for c in pending:
             ids = np.array([r.image_id for r in chunks[c]], np.int64)
             counts = []
@@ -222,17 +227,19 @@ def extract_region_embeddings(
 
 
 def _iter_crops(
-    dataset: RegionCropDataset, *, top_k: int, batch_size: int, num_workers: int, pin_memory: bool
+    dataset: RegionCropDataset, *, top_k: int, batch_size: int, num_workers: int
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """The dataset's items in order. Workers hand over about one encoder batch of regions at a time, so with the
-    default prefetching they stay a batch or two ahead of the encoder instead of a few images."""
+    """The dataset's items in order. Workers hand over small groups of images (the first arrives soon, so encoding
+    starts early) and all of them together stay about two encoder batches ahead (more would only fill shared memory)."""
+    images_per_item = max(1, _REGIONS_PER_LOADER_ITEM // top_k)
     loader = DataLoader(
         dataset,
-        batch_size=max(1, batch_size // top_k),
+        batch_size=images_per_item,
         shuffle=False,
         num_workers=num_workers,
         collate_fn=_collate_crops,
-        pin_memory=pin_memory,
+        prefetch_factor=max(2, math.ceil(2 * batch_size / (images_per_item * top_k * num_workers)))
+        if num_workers else None,
     )
     for image_ids, counts, crops in loader:
         yield from zip(image_ids, crops.split(counts))
@@ -245,7 +252,9 @@ def _collate_crops(items: list[tuple[int, torch.Tensor]]) -> tuple[list[int], li
     out = torch.empty((sum(len(c) for c in crops), *crops[0].shape[1:]), dtype=torch.uint8)
     if get_worker_info() is not None:
         out.share_memory_()  # written in place where the main process will read it, instead of copied there
-    return [i for i, _ in items], [len(c) for c in crops], torch.cat(crops, out=out)
+    # numpy copies: torch's would be split over threads, and syncing them costs more than these small copies.
+    np.concatenate([c.numpy() for c in crops], out=out.numpy())
+    return [i for i, _ in items], [len(c) for c in crops], out
 
 
 class _BatchEncoder:
@@ -257,7 +266,8 @@ class _BatchEncoder:
         self.bundle, self.preprocessor = bundle, preprocessor
         self.device = next(bundle.model.parameters()).device
         height, width = preprocessor.image_size
-        self.staging = torch.empty((batch_size, height, width, 3), dtype=torch.uint8)
+        self.staging = torch.empty((batch_size, height, width, 3), dtype=torch.uint8,
+                                   pin_memory=self.device.type == "cuda")
         self.pixels = torch.empty((batch_size, 3, height, width), dtype=torch.float32, device=self.device)
         self.num_staged = 0
         self.done: list[torch.Tensor] = []
@@ -266,7 +276,7 @@ class _BatchEncoder:
         """crops: uint8 Tensor[k, S, S, 3]."""
         while len(crops):
             take = min(len(crops), len(self.staging) - self.num_staged)
-            self.staging[self.num_staged : self.num_staged + take] = crops[:take]
+            self.staging.numpy()[self.num_staged : self.num_staged + take] = crops[:take].numpy()
             self.num_staged += take
             crops = crops[take:]
             if self.num_staged == len(self.staging):

@@ -198,6 +198,7 @@ class RegionStoreWriter:
             # A chunk folder without its job file predates any chunk (killed while starting): nothing to keep.
             shutil.rmtree(self._chunk_dir, ignore_errors=True)
             write_json(job_path, self.job, indent=2)
+        _remove_temporaries(self.path)
 
     def has_chunk(self, chunk_id: int) -> bool:
         return self._chunk_path(chunk_id).is_file()
@@ -427,3 +428,11 @@ def _remove_store(path: Path) -> None:
     for name in (EMBEDDINGS_FILE, BOXES_FILE, INDEX_FILE):
         (path / name).unlink(missing_ok=True)
     shutil.rmtree(path / CHUNK_DIR, ignore_errors=True)
+    _remove_temporaries(path)
+
+
+def _remove_temporaries(path: Path) -> None:
+    """Delete what a killed process left of its atomic writes (``ovd.utils.io.atomic_path`` names them ``.<name>.*.tmp``)."""
+    for folder in (path, path / CHUNK_DIR):
+        for tmp in folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)

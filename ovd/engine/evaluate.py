@@ -7,11 +7,13 @@ import time
 from pathlib import Path
 
 import torch
+from torchvision.ops import box_iou
 
-from ovd.clip.text import load_text_embeddings
+from ovd.clip.text import TextEmbeddings, load_text_embeddings
 from ovd.config import Config
 from ovd.data.build import build_test_loader, load_dataset
 from ovd.data.datasets import DetectionDataset
+from ovd.data.region_store import RegionStore
 from ovd.evaluation import COCOEvaluator, format_results_table
 from ovd.modeling.detector import OVDetector
 from ovd.utils.comm import get_rank, get_world_size
@@ -19,17 +21,19 @@ from ovd.utils.comm import get_rank, get_world_size
 logger = logging.getLogger("ovd.eval")
 
 
-def test_vocabulary(cfg: Config, dataset: DetectionDataset) -> torch.Tensor:
-    """Text embeddings (Tensor[C, D]) for the classes of ``dataset``, checked against its category count."""
-    path = cfg.MODEL.TEST_ZEROSHOT_WEIGHT_PATH or cfg.MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH
-    key = "MODEL.TEST_ZEROSHOT_WEIGHT_PATH" if cfg.MODEL.TEST_ZEROSHOT_WEIGHT_PATH else "MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH"
+def dataset_vocabulary(cfg: Config, dataset: DetectionDataset, *, train: bool) -> TextEmbeddings:
+    """Text embeddings of the classes of ``dataset``, checked against its categories: the training vocabulary
+    (MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH) or the test one (MODEL.TEST_ZEROSHOT_WEIGHT_PATH, else the training one)."""
+    key = "MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH"
+    path = cfg.MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH
+    if not train and cfg.MODEL.TEST_ZEROSHOT_WEIGHT_PATH:
+        key, path = "MODEL.TEST_ZEROSHOT_WEIGHT_PATH", cfg.MODEL.TEST_ZEROSHOT_WEIGHT_PATH
     if not path:
-        raise ValueError(f"{key} is empty: evaluation needs text embeddings of the {dataset.name} classes")
+        raise ValueError(f"{key} is empty: the classifier needs text embeddings of the {dataset.name} classes")
     try:
-        emb = load_text_embeddings(path, expected_names=dataset.class_names)
-    except ValueError as e:
-        raise ValueError(f"{key}: {e} (dataset {dataset.name}, {dataset.json_file})") from None
-    return torch.from_numpy(emb.embeds)
+        return load_text_embeddings(path, expected_names=dataset.class_names)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"{key}: {e} (dataset {dataset.name}, {dataset.json_file})") from None
 
 
 @torch.no_grad()
@@ -37,7 +41,7 @@ def evaluate_dataset(cfg: Config, model: OVDetector, dataset: DetectionDataset, 
     """Run ``model`` on every image of ``dataset`` (split across workers) and return the COCO metrics."""
     rank, world = get_rank(), get_world_size()
     train_vocab = model.roi_heads.box_predictor.cls_score.text_embeds.clone()
-    model.set_vocabulary(test_vocabulary(cfg, dataset))
+    model.set_vocabulary(torch.from_numpy(dataset_vocabulary(cfg, dataset, train=False).embeds))
     evaluator = COCOEvaluator(dataset.json_file, novel_category_ids=dataset.novel_category_ids, output_dir=output_dir)
     loader = build_test_loader(cfg, dataset, rank=rank, world_size=world)
     was_training = model.training
@@ -60,10 +64,60 @@ def evaluate_dataset(cfg: Config, model: OVDetector, dataset: DetectionDataset, 
     return results
 
 
+@torch.no_grad()
+def evaluate_distillation(cfg: Config, model: OVDetector, dataset: DetectionDataset) -> dict[str, float]:
+    """Distillation fidelity on the regions of TEST.RKD_FEAT_PATH: student vs teacher cosine and zero-shot agreement
+    over the dataset's vocabulary, for regions covering (IoU ≥ 0.5) a base or a novel object."""
+    store = RegionStore.open(cfg.TEST.RKD_FEAT_PATH, expected_dim=cfg.MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_DIM)
+    rank, world = get_rank(), get_world_size()
+    loader = build_test_loader(cfg, dataset, rank=rank, world_size=world, region_store=store)
+    records = {r.image_id: r for r in dataset.records}
+    class_index = {cid: i for i, cid in enumerate(dataset.category_ids)}
+    was_training = model.training
+    model.eval()
+    student, teacher, classes = [], [], []
+    try:
+        for batch in loader:
+            batch = [s for s in batch if len(s.regions)]
+            if not batch:
+                continue
+            student.append(model.embed_regions(batch).cpu())
+            for s in batch:
+                teacher.append(s.regions.embeds)
+                boxes, _ = store.get(s.image_id)
+                rec = records[s.image_id]
+                cls = torch.full((len(s.regions),), -1, dtype=torch.int64)
+                if len(rec.boxes):
+                    iou = box_iou(torch.from_numpy(boxes[: len(s.regions)]), torch.from_numpy(rec.boxes))
+                    best, j = iou.max(dim=1)
+                    gt = torch.tensor([class_index[c] for c in rec.category_ids.tolist()])
+                    cls = torch.where(best >= 0.5, gt[j], cls)
+                classes.append(cls)
+    finally:
+        model.train(was_training)
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, (student, teacher, classes))
+        student, teacher, classes = (sum((g[i] for g in gathered), []) for i in range(3))
+    novel_ids = set(dataset.novel_category_ids)
+    novel = torch.tensor([cid in novel_ids for cid in dataset.category_ids])
+    vocab = torch.from_numpy(dataset_vocabulary(cfg, dataset, train=False).embeds)
+    if not student:
+        raise ValueError(f"TEST.RKD_FEAT_PATH {cfg.TEST.RKD_FEAT_PATH} has no regions for the images of {dataset.name}")
+    return distillation_fidelity(torch.cat(student), torch.cat(teacher), vocab, torch.cat(classes), novel)
+
+
 def evaluate(cfg: Config, model: OVDetector) -> dict[str, dict]:
-    """Metrics per dataset of DATASETS.TEST; detections are written to OUTPUT_DIR/inference/<dataset>/."""
+    """Metrics per dataset of DATASETS.TEST; detections are written to OUTPUT_DIR/inference/<dataset>/. With
+    TEST.RKD_FEAT_PATH, the first dataset's results also hold the distillation fidelity (``fidelity/…``)."""
     out = {}
-    for name in cfg.DATASETS.TEST:
+    for i, name in enumerate(cfg.DATASETS.TEST):
         dataset = load_dataset(name)
         out[name] = evaluate_dataset(cfg, model, dataset, Path(cfg.OUTPUT_DIR) / "inference" / name)
+        if i == 0 and cfg.TEST.RKD_FEAT_PATH:
+            fidelity = evaluate_distillation(cfg, model, dataset)
+            out[name].update({f"fidelity/{k}": v for k, v in fidelity.items()})
+            if get_rank() == 0:
+                logger.info("distillation fidelity on %s: %s", name,
+                            "  ".join(f"{k} {v:.3f}" for k, v in fidelity.items() if not k.startswith("regions")))
     return out

@@ -11,9 +11,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ovd.config import Config, save_config
-from ovd.data.build import build_train_loader, load_train_dataset
+from ovd.data.build import build_train_loader, load_train_dataset, open_region_store
 from ovd.engine.checkpoint import Checkpointer, load_model_state, read_checkpoint
-from ovd.engine.evaluate import evaluate, test_vocabulary
+from ovd.engine.evaluate import dataset_vocabulary, evaluate
 from ovd.engine.events import MetricsWriter
 from ovd.modeling.build import build_model
 from ovd.modeling.detector import OVDetector
@@ -42,6 +42,10 @@ def loss_weights(cfg: Config) -> dict[str, float]:
         "loss_rpn_loc": cfg.MODEL.RPN.LOSS_WEIGHT,
         "loss_cls": 1.0,
         "loss_box_reg": 1.0,
+        "loss_mask": 1.0,
+        # the paper scales both RKD weights by 100
+        "loss_distil_l1": cfg.MODEL.DISTIL_L1_LOSS_WEIGHT * 100,
+        "loss_irm": cfg.MODEL.IRM_LOSS_WEIGHT * 100,
     }
 
 
@@ -89,9 +93,10 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         save_config(cfg, out_dir / "config.yaml")
 
     dataset = load_train_dataset(cfg)
-    train_vocab = test_vocabulary(cfg, dataset)  # checks the embeddings file against the training classes
+    vocab = dataset_vocabulary(cfg, dataset, train=True)
     torch.manual_seed(cfg.SEED)
-    model = build_model(cfg, text_embeds=train_vocab, class_image_counts=torch.from_numpy(dataset.class_image_counts()))
+    model = build_model(cfg, text_embeds=torch.from_numpy(vocab.embeds),
+                        class_image_counts=torch.from_numpy(dataset.class_image_counts()))
     model.to(device)
     optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
@@ -107,7 +112,13 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     if world > 1:
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       find_unused_parameters=False)
-    loader = build_train_loader(cfg, dataset, rank=rank, world_size=world, start_iter=start_iter)
+    # the region store must come from the CLIP model that embedded the class names
+    store = open_region_store(cfg, expected_model=vocab.meta.get("model")) if cfg.MODEL.DISTILLATION else None
+    if store is not None:
+        missing = sum(r.image_id not in store for r in dataset.records)
+        if missing:
+            logger.warning("%d of %d training images have no entry in the region store %s", missing, len(dataset), store.path)
+    loader = build_train_loader(cfg, dataset, rank=rank, world_size=world, start_iter=start_iter, region_store=store)
     writer = MetricsWriter(out_dir, max_iter=max_iter, start_iter=start_iter) if is_main_process() else None
     weights = loss_weights(cfg)
     logger.info("training %s from iteration %d to %d on %s (%d worker(s))", dataset.name, start_iter, max_iter, device, world)
@@ -119,7 +130,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         batch = next(data_iter)
         with torch.autocast(device.type, enabled=amp):
             losses = ddp(batch)
-        total = sum(weights.get(k, 1.0) * v for k, v in losses.items())
+        total = sum(weights[k] * v for k, v in losses.items())
         _check_finite(losses, iteration)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()

@@ -7,5 +7,13 @@ from ovd.evaluation.coco_eval import (
     format_results_table,
     load_coco_gt,
 )
+from ovd.evaluation.distillation import distillation_fidelity
 
-__all__ = ["RESULTS_FILENAME", "COCOEvaluator", "evaluate_detections", "format_results_table", "load_coco_gt"]
+__all__ = [
+    "RESULTS_FILENAME",
+    "COCOEvaluator",
+    "distillation_fidelity",
+    "evaluate_detections",
+    "format_results_table",
+    "load_coco_gt",
+]

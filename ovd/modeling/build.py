@@ -164,6 +164,7 @@ def build_model(cfg: Config, *, text_embeds: Tensor | None = None, class_image_c
         fed_loss_num_classes=bh.FED_LOSS_NUM_CAT,
         mask_pooler=mask_pooler,
         mask_head=mask_head,
+        irm_normalize=m.IRM_LOSS_NORMALIZE,
     )
     model = OVDetector(
         backbone=backbone,

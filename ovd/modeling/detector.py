@@ -70,6 +70,11 @@ class OVDetector(nn.Module):
         features = self.backbone(images)
         proposals, losses = self.rpn(features, sizes, gt)
         losses.update(self.roi_heads.losses(features, proposals, gt))
+        if any(s.regions is not None for s in samples):
+            if any(s.regions is None for s in samples):
+                raise ValueError("distillation regions are given for some images of the batch but not all")
+            regions = [s.regions.to(self.device) for s in samples]
+            losses.update(self.roi_heads.distillation_losses(features, regions))
         return losses
 
     @torch.no_grad()
@@ -80,6 +85,13 @@ class OVDetector(nn.Module):
         proposals, _ = self.rpn(features, sizes)
         results = self.roi_heads.predict(features, proposals)
         return [rescale(r, s.orig_size) for r, s in zip(results, samples)]
+
+    @torch.no_grad()
+    def embed_regions(self, samples: list[ImageSample]) -> Tensor:
+        """Student embeddings ``W x`` (Tensor[sum K, D]) of every sample's ``regions.boxes``, in order."""
+        images, _ = self.preprocess(samples)
+        features = self.backbone(images)
+        return self.roi_heads.region_embeds(features, [s.regions.boxes.to(self.device) for s in samples])
 
     def set_vocabulary(self, text_embeds: Tensor) -> None:
         """Detect the classes whose text embeddings (Tensor[C, D]) are given, from now on."""

@@ -10,7 +10,14 @@ from torchvision.models.detection._utils import BalancedPositiveNegativeSampler,
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
 from ovd.modeling.classifier import ZeroShotClassifier
-from ovd.modeling.losses import box_reg_loss, federated_classes, sigmoid_ce_loss, softmax_ce_loss
+from ovd.modeling.losses import (
+    box_reg_loss,
+    federated_classes,
+    rkd_irm_loss,
+    rkd_l1_loss,
+    sigmoid_ce_loss,
+    softmax_ce_loss,
+)
 from ovd.modeling.mask_head import MaskHead, mask_loss, mask_targets
 from ovd.modeling.poolers import ROIPooler
 from ovd.modeling.rpn import BBOX_CLAMP
@@ -94,12 +101,14 @@ class ROIHeads(nn.Module):
         fed_loss_num_classes: int = 50,
         mask_pooler: ROIPooler | None = None,
         mask_head: MaskHead | None = None,
+        irm_normalize: bool = False,
     ) -> None:
         super().__init__()
         self.in_features = list(in_features)
         self.pooler, self.box_head, self.box_predictor = pooler, box_head, box_predictor
         self.mask_pooler, self.mask_head = mask_pooler, mask_head
         self.use_fed_loss, self.fed_loss_num_classes = use_fed_loss, fed_loss_num_classes
+        self.irm_normalize = irm_normalize
         self.matcher = Matcher(iou_threshold, iou_threshold, allow_low_quality_matches=False)
         self.sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
         self.proposal_append_gt = proposal_append_gt
@@ -168,6 +177,20 @@ class ROIHeads(nn.Module):
         if self.mask_head is not None:
             losses["loss_mask"] = self.mask_losses(features, sampled, gt)
         return losses
+
+    def region_embeds(self, features: dict[str, Tensor], boxes: list[Tensor]) -> Tensor:
+        """Student embeddings ``W x`` (Tensor[sum(len(b)), D], unnormalised) of arbitrary regions: the same RoI path
+        and projection as proposals (C4: res5 + mean pool; FPN: the box head), the RKD projection under WT."""
+        return self.box_predictor.cls_score.region_embeds(self.box_features(features, boxes))
+
+    def distillation_losses(self, features: dict[str, Tensor], regions: list[Instances]) -> dict[str, Tensor]:
+        """RKD (DESIGN §2): point-wise L1 and inter-embedding relationship losses over all regions of the batch."""
+        student = self.region_embeds(features, [r.boxes for r in regions])
+        teacher = torch.cat([r.embeds for r in regions]).to(student.dtype)
+        return {
+            "loss_distil_l1": rkd_l1_loss(student, teacher),
+            "loss_irm": rkd_irm_loss(student, teacher, normalize=self.irm_normalize),
+        }
 
     def mask_losses(self, features: dict[str, Tensor], sampled: list[Instances], gt: list[Instances]) -> Tensor:
         """Mask BCE on the foreground proposals, against each matched gt mask cut out by the proposal box."""
