@@ -81,6 +81,8 @@ class ImageSample:
         (Tensor[N] contiguous class indices into the training vocabulary); None at test time.
     regions: distillation regions in resized-image pixels, fields ``boxes`` (Tensor[K, 4] xyxy) and ``embeds``
         (Tensor[K, D], the teacher's CLIP image embeddings); None without RKD.
+    image_labels: for image-labelled data, the pseudo box of each kept label in resized-image pixels, fields
+        ``boxes`` (Tensor[L, 4] xyxy) and ``classes`` (Tensor[L] contiguous indices); ``gt`` is then None.
     """
 
     image: Tensor
@@ -88,6 +90,7 @@ class ImageSample:
     orig_size: tuple[int, int]
     gt: Instances | None = None
     regions: Instances | None = None
+    image_labels: Instances | None = None
     file_name: str = ""
 
     @property

@@ -98,6 +98,7 @@ class ROIBoxHeadConfig:
     USE_FED_LOSS: bool = False  # LVIS: the classification loss covers the batch's classes + sampled others
     FED_LOSS_NUM_CAT: int = 50
     WEIGHT_TRANSFER: bool = False  # the weight-transfer classifier (DESIGN §2), W_rkd frozen
+    PMS_LOSS_WEIGHT: float = 0.1  # weight of the PIS loss on image-labelled batches
 
 
 @dataclass
@@ -121,6 +122,9 @@ class ModelConfig:
     DISTIL_L1_LOSS_WEIGHT: float = 0.15  # × 100, as in the paper
     IRM_LOSS_WEIGHT: float = 0.15  # × 100
     IRM_LOSS_NORMALIZE: bool = False  # divide the IRM term by the N² entries of the Gram matrix (ours; off = paper)
+    RKD_ILS_FEAT_PATH: str = ""  # region store of the image-labelled images; empty: RKD_FEAT_PATH holds them too
+    # Pseudo image-level supervision (DESIGN §2)
+    PIS_PROP_PATH: str = ""  # pseudo boxes (COCO JSON) of the image-labelled dataset (tools/mine_pseudo_labels.py)
     PIXEL_MEAN: List[float] = _list(103.530, 116.280, 123.675)
     PIXEL_STD: List[float] = _list(1.0, 1.0, 1.0)
     # Vocabulary at test time; empty: the training one (MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH).
@@ -145,6 +149,12 @@ class DatasetsConfig:
 class DataLoaderConfig:
     NUM_WORKERS: int = 4
     FILTER_EMPTY_ANNOTATIONS: bool = False
+    # Several training sources (DATASETS.TRAIN), one entry each; empty lists mean one box-labelled source.
+    DATASET_ANN: List[str] = _list()  # "box" (COCO boxes) or "image" (pos_category_ids + MODEL.PIS_PROP_PATH boxes)
+    DATASET_RATIO: List[float] = _list()  # how often each source supplies a batch, e.g. [1, 4]
+    DATASET_BS: List[int] = _list()  # images per batch and worker, per source; empty: SOLVER.IMS_PER_BATCH / workers
+    DATASET_MIN_SIZES: List[List[int]] = _list()  # per-source INPUT.MIN_SIZE_TRAIN
+    DATASET_MAX_SIZES: List[int] = _list()  # per-source INPUT.MAX_SIZE_TRAIN
 
 
 @dataclass

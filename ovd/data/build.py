@@ -1,4 +1,4 @@
-"""Data loaders built from the config: the only place in `ovd.data` that reads it."""
+"""Datasets and data loaders built from the config: the only place in `ovd.data` that reads it."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from ovd.config import Config
 from ovd.data.catalog import get_dataset
-from ovd.data.datasets import DetectionDataset, load_coco_json
+from ovd.data.datasets import DetectionDataset, load_coco_json, load_image_labels
 from ovd.data.mapper import DatasetMapper
 from ovd.data.region_store import RegionStore
-from ovd.data.samplers import InferenceBatchSampler, TrainingBatchSampler
+from ovd.data.samplers import InferenceBatchSampler, MultiSourceBatchSampler
 from ovd.structures import ImageSample
+
+ANN_TYPES = ("box", "image")
 
 
 class MappedDataset(Dataset):
@@ -30,6 +32,20 @@ class MappedDataset(Dataset):
         return self.mapper(self.dataset.records[i], rng)
 
 
+class MultiSourceDataset(Dataset):
+    """Several `MappedDataset`s addressed as ``(source, record_index, augmentation_seed)``."""
+
+    def __init__(self, sources: list[MappedDataset]) -> None:
+        self.sources = sources
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.sources)
+
+    def __getitem__(self, index: tuple[int, int, int]) -> ImageSample:
+        k, i, seed = index
+        return self.sources[k][(i, seed)]
+
+
 def _as_list(batch: list[ImageSample]) -> list[ImageSample]:
     return batch
 
@@ -38,61 +54,98 @@ def load_dataset(name: str) -> DetectionDataset:
     return load_coco_json(get_dataset(name))
 
 
-def load_train_dataset(cfg: Config) -> DetectionDataset:
-    """The box-labelled training set (DATASETS.TRAIN[0]); empty images dropped if FILTER_EMPTY_ANNOTATIONS."""
+def train_ann_types(cfg: Config) -> list[str]:
+    """The annotation type of each DATASETS.TRAIN entry (DATALOADER.DATASET_ANN, default all "box")."""
+    types = list(cfg.DATALOADER.DATASET_ANN) or ["box"] * len(cfg.DATASETS.TRAIN)
+    if len(types) != len(cfg.DATASETS.TRAIN):
+        raise ValueError(f"DATALOADER.DATASET_ANN has {len(types)} entries for {len(cfg.DATASETS.TRAIN)} DATASETS.TRAIN")
+    bad = [t for t in types if t not in ANN_TYPES]
+    if bad:
+        raise ValueError(f"DATALOADER.DATASET_ANN: unknown annotation type(s) {bad}; expected one of {ANN_TYPES}")
+    return types
+
+
+def load_train_datasets(cfg: Config) -> list[DetectionDataset]:
+    """The training sources of DATASETS.TRAIN, box-labelled or image-labelled, over one shared vocabulary."""
     if not cfg.DATASETS.TRAIN:
         raise ValueError("DATASETS.TRAIN is empty")
-    dataset = load_dataset(cfg.DATASETS.TRAIN[0])
-    if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
-        dataset.records = [r for r in dataset.records if len(r.boxes)]
-        if not dataset.records:
-            raise ValueError(f"dataset {dataset.name}: no image has annotations ({dataset.json_file})")
-    return dataset
+    datasets = []
+    for name, ann in zip(cfg.DATASETS.TRAIN, train_ann_types(cfg)):
+        if ann == "image":
+            if not cfg.MODEL.PIS_PROP_PATH:
+                raise ValueError(f"dataset {name} is image-labelled but MODEL.PIS_PROP_PATH (its pseudo boxes) is empty")
+            dataset = load_image_labels(get_dataset(name), cfg.MODEL.PIS_PROP_PATH)
+        else:
+            dataset = load_dataset(name)
+            if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
+                dataset.records = [r for r in dataset.records if len(r.boxes)]
+                if not dataset.records:
+                    raise ValueError(f"dataset {dataset.name}: no image has annotations ({dataset.json_file})")
+        if datasets and dataset.category_ids != datasets[0].category_ids:
+            raise ValueError(f"datasets {datasets[0].name} and {dataset.name} have different categories; training "
+                             "sources must share one vocabulary")
+        datasets.append(dataset)
+    return datasets
 
 
-def open_region_store(cfg: Config, *, expected_model: str | None = None) -> RegionStore:
-    """The RKD region store of MODEL.RKD_FEAT_PATH, checked against the classifier's embedding size (and the
-    teacher model that made the text embeddings, where known)."""
-    if not cfg.MODEL.RKD_FEAT_PATH:
-        raise ValueError("MODEL.DISTILLATION is on but MODEL.RKD_FEAT_PATH (the region-embedding store) is empty")
+def open_region_store(path: str, cfg: Config, *, key: str, expected_model: str | None = None) -> RegionStore:
+    """A region-embedding store checked against the classifier's embedding size (and the teacher model that made
+    the text embeddings, where known); errors name the config key."""
+    if not path:
+        raise ValueError(f"MODEL.DISTILLATION is on but {key} (the region-embedding store) is empty")
     try:
-        return RegionStore.open(cfg.MODEL.RKD_FEAT_PATH, expected_model=expected_model,
-                                expected_dim=cfg.MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_DIM)
+        return RegionStore.open(path, expected_model=expected_model, expected_dim=cfg.MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_DIM)
     except (ValueError, FileNotFoundError) as e:
-        raise type(e)(f"MODEL.RKD_FEAT_PATH: {e}") from None
+        raise type(e)(f"{key}: {e}") from None
 
 
 def build_train_loader(
     cfg: Config,
-    dataset: DetectionDataset,
+    datasets: list[DetectionDataset],
     *,
     rank: int = 0,
     world_size: int = 1,
     start_iter: int = 0,
-    region_store: RegionStore | None = None,
+    region_stores: list[RegionStore | None] | None = None,
 ) -> DataLoader:
-    """Endless loader of lists of `ImageSample` (IMS_PER_BATCH / world_size per rank), resumable at ``start_iter``;
-    with ``region_store``, each sample carries its distillation regions."""
-    mapper = DatasetMapper(
-        is_train=True,
-        min_sizes=cfg.INPUT.MIN_SIZE_TRAIN,
-        max_size=cfg.INPUT.MAX_SIZE_TRAIN,
-        size_sampling=cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING,
-        random_flip=cfg.INPUT.RANDOM_FLIP == "horizontal",
-        input_format=cfg.INPUT.FORMAT,
-        category_ids=dataset.category_ids,
-        region_store=region_store,
-        num_regions=cfg.MODEL.NUM_DISTIL_PROP,
-    )
-    sampler = TrainingBatchSampler(
-        len(dataset),
-        batch_size=cfg.SOLVER.IMS_PER_BATCH,
+    """Endless loader of lists of `ImageSample`, each batch from one source (DATALOADER.DATASET_RATIO), resumable
+    at ``start_iter``; with ``region_stores`` (one per source), samples carry their distillation regions."""
+    d = cfg.DATALOADER
+    n = len(datasets)
+    per_source = {"DATASET_RATIO": d.DATASET_RATIO, "DATASET_BS": d.DATASET_BS,
+                  "DATASET_MIN_SIZES": d.DATASET_MIN_SIZES, "DATASET_MAX_SIZES": d.DATASET_MAX_SIZES}
+    for key, values in per_source.items():
+        if values and len(values) != n:
+            raise ValueError(f"DATALOADER.{key} has {len(values)} entries for {n} training datasets")
+    if not d.DATASET_BS and cfg.SOLVER.IMS_PER_BATCH % world_size:
+        raise ValueError(f"SOLVER.IMS_PER_BATCH={cfg.SOLVER.IMS_PER_BATCH} is not divisible by {world_size} workers")
+    batch_sizes = list(d.DATASET_BS) or [cfg.SOLVER.IMS_PER_BATCH // world_size] * n
+    stores = region_stores or [None] * n
+    sources = []
+    for k, (dataset, ann) in enumerate(zip(datasets, train_ann_types(cfg))):
+        mapper = DatasetMapper(
+            is_train=True,
+            min_sizes=d.DATASET_MIN_SIZES[k] if d.DATASET_MIN_SIZES else cfg.INPUT.MIN_SIZE_TRAIN,
+            max_size=d.DATASET_MAX_SIZES[k] if d.DATASET_MAX_SIZES else cfg.INPUT.MAX_SIZE_TRAIN,
+            size_sampling=cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING,
+            random_flip=cfg.INPUT.RANDOM_FLIP == "horizontal",
+            input_format=cfg.INPUT.FORMAT,
+            category_ids=dataset.category_ids,
+            region_store=stores[k],
+            num_regions=cfg.MODEL.NUM_DISTIL_PROP,
+            image_labelled=ann == "image",
+        )
+        sources.append(MappedDataset(dataset, mapper))
+    sampler = MultiSourceBatchSampler(
+        [len(ds) for ds in datasets],
+        ratios=list(d.DATASET_RATIO) or [1.0] * n,
+        batch_sizes=batch_sizes,
         seed=cfg.SEED,
         rank=rank,
         world_size=world_size,
         start_iter=start_iter,
     )
-    return _loader(MappedDataset(dataset, mapper), sampler, cfg.DATALOADER.NUM_WORKERS)
+    return _loader(MultiSourceDataset(sources), sampler, d.NUM_WORKERS)
 
 
 def build_test_loader(
@@ -117,7 +170,6 @@ def _loader(dataset: Dataset, batch_sampler, num_workers: int) -> DataLoader:
         batch_sampler=batch_sampler,
         num_workers=num_workers,
         collate_fn=_as_list,
-        persistent_workers=False,
         # a private generator: creating the iterator must not consume the global RNG that the model's
         # proposal sampling uses (exact resume); augmentation seeds come with the indices
         generator=torch.Generator(),

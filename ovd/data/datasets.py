@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ImageRecord:
-    """One image: boxes (float32 [N, 4] xyxy, original pixels) and their dataset category ids (int64 [N])."""
+    """One image: boxes (float32 [N, 4] xyxy, original pixels) and their dataset category ids (int64 [N]).
+
+    For image-labelled data, ``image_labels`` (int64 [L]) are the category ids named for the image and the boxes
+    are its pseudo boxes, one per kept label.
+    """
 
     image_id: int
     file_name: Path
@@ -24,6 +28,7 @@ class ImageRecord:
     width: int
     boxes: np.ndarray
     category_ids: np.ndarray
+    image_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 @dataclass
@@ -124,3 +129,73 @@ def safe_join(root: Path, file_name: str, source: Path) -> Path:
     if not p.is_relative_to(root.resolve()):
         raise ValueError(f"{source}: image file_name {file_name!r} points outside the image folder {root}")
     return p
+
+
+def load_image_labels(spec: DatasetSpec, pseudo_boxes: str | Path | None = None) -> DetectionDataset:
+    """An image-labelled dataset: COCO-style JSON whose ``images[]`` carry ``pos_category_ids``.
+
+    With ``pseudo_boxes`` (COCO JSON whose annotations are the mined boxes, one per image label), each record's boxes
+    are its pseudo boxes and images left without any are dropped (counted in the log): that is the training set of
+    pseudo image-level supervision. Unknown label ids and pseudo boxes for images not in the dataset are errors.
+    """
+    path = spec.json_file
+    data = read_json(path, what=f"image-label file of dataset {spec.name}")
+    if not isinstance(data, dict) or "images" not in data or "categories" not in data:
+        raise ValueError(f"{path} is not an image-label file: it needs 'images' (with pos_category_ids) and 'categories'")
+    categories = sorted(data["categories"], key=lambda c: c["id"])
+    cat_ids = {c["id"] for c in categories}
+    root = Path(spec.image_root)
+    records = []
+    for img in data["images"]:
+        if "pos_category_ids" not in img:
+            raise ValueError(f"{path}: image {img.get('id')} has no pos_category_ids")
+        labels = sorted(set(img["pos_category_ids"]))
+        unknown = [c for c in labels if c not in cat_ids]
+        if unknown:
+            raise ValueError(f"{path}: image {img.get('id')} is labelled with category ids {unknown}, not in categories")
+        records.append(ImageRecord(
+            image_id=img["id"], file_name=safe_join(root, img["file_name"], path), height=int(img["height"]),
+            width=int(img["width"]), boxes=np.zeros((0, 4), np.float32), category_ids=np.zeros(0, np.int64),
+            image_labels=np.array(labels, dtype=np.int64),
+        ))
+    if not records:
+        raise ValueError(f"dataset {spec.name}: {path} has no images")
+    dataset = DetectionDataset(spec.name, path, records, categories, tuple(spec.novel_category_ids))
+    if pseudo_boxes is not None:
+        attach_pseudo_boxes(dataset, Path(pseudo_boxes))
+    return dataset
+
+
+def attach_pseudo_boxes(dataset: DetectionDataset, path: Path) -> None:
+    """Set each record's boxes to its pseudo boxes from ``path``; drop images that have none."""
+    data = read_json(path, what="pseudo-box file")
+    anns = data.get("annotations") if isinstance(data, dict) else None
+    if anns is None:
+        raise ValueError(f"pseudo-box file {path} is not COCO JSON with an 'annotations' list")
+    by_id = {r.image_id: r for r in dataset.records}
+    unknown = sorted({a["image_id"] for a in anns if a["image_id"] not in by_id})
+    if unknown:
+        raise ValueError(f"pseudo-box file {path} has boxes for image ids {unknown[:10]} that are not in dataset "
+                         f"{dataset.name} ({dataset.json_file})")
+    boxes: dict[int, list] = {i: [] for i in by_id}
+    not_labelled = 0
+    for a in anns:
+        rec = by_id[a["image_id"]]
+        if a["category_id"] not in rec.image_labels:
+            not_labelled += 1
+            continue
+        x, y, w, h = (float(v) for v in a["bbox"])
+        box = [max(x, 0.0), max(y, 0.0), min(x + w, rec.width), min(y + h, rec.height)]
+        if box[2] > box[0] and box[3] > box[1]:
+            boxes[rec.image_id].append((box, a["category_id"]))
+    for rec in dataset.records:
+        b = boxes[rec.image_id]
+        rec.boxes = np.array([x[0] for x in b], dtype=np.float32).reshape(-1, 4)
+        rec.category_ids = np.array([x[1] for x in b], dtype=np.int64)
+    before = len(dataset.records)
+    dataset.records = [r for r in dataset.records if len(r.boxes)]
+    if not_labelled or before != len(dataset.records):
+        logger.warning("%s: %d pseudo boxes for labels the image does not have were ignored; %d of %d images have no "
+                       "pseudo box and are left out", path, not_labelled, before - len(dataset.records), before)
+    if not dataset.records:
+        raise ValueError(f"pseudo-box file {path} leaves no image of dataset {dataset.name} with a pseudo box")

@@ -76,6 +76,7 @@ class DatasetMapper:
         category_ids: list[int],
         region_store: RegionStore | None = None,
         num_regions: int = 5,
+        image_labelled: bool = False,
     ) -> None:
         if size_sampling not in ("choice", "range"):
             raise ValueError(f"INPUT.MIN_SIZE_TRAIN_SAMPLING must be 'choice' or 'range', got {size_sampling!r}")
@@ -85,6 +86,7 @@ class DatasetMapper:
         self.size_sampling, self.random_flip, self.input_format = size_sampling, random_flip, input_format
         self.class_index = {cid: i for i, cid in enumerate(category_ids)}
         self.region_store, self.num_regions = region_store, num_regions
+        self.image_labelled = image_labelled
 
     def transform_for(self, h: int, w: int, rng: np.random.Generator | None) -> ResizeFlip:
         if not self.is_train or rng is None:
@@ -108,17 +110,18 @@ class DatasetMapper:
         if self.input_format == "BGR":
             image = image[:, :, ::-1]
         tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        gt = None
+        gt = image_labels = None
         if self.is_train:
-            gt = Instances(
-                tf.out_size,
-                gt_boxes=torch.from_numpy(tf.apply_boxes(record.boxes)),
-                gt_classes=torch.tensor([self.class_index[c] for c in record.category_ids.tolist()], dtype=torch.int64),
-            )
+            boxes = torch.from_numpy(tf.apply_boxes(record.boxes))
+            classes = torch.tensor([self.class_index[c] for c in record.category_ids.tolist()], dtype=torch.int64)
+            if self.image_labelled:
+                image_labels = Instances(tf.out_size, boxes=boxes, classes=classes)
+            else:
+                gt = Instances(tf.out_size, gt_boxes=boxes, gt_classes=classes)
         regions = None
         if self.region_store is not None:
             boxes, embeds = self.region_store.get(record.image_id)
             boxes, embeds = boxes[: self.num_regions], embeds[: self.num_regions]
             regions = Instances(tf.out_size, boxes=torch.from_numpy(tf.apply_boxes(boxes)), embeds=torch.from_numpy(embeds))
         return ImageSample(image=tensor, image_id=record.image_id, orig_size=(h, w), gt=gt, regions=regions,
-                           file_name=str(record.file_name))
+                           image_labels=image_labels, file_name=str(record.file_name))

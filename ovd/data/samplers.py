@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
@@ -60,3 +61,50 @@ class InferenceBatchSampler(Sampler):
 
     def __len__(self) -> int:
         return (len(self.indices) + self.batch_size - 1) // self.batch_size
+
+
+class MultiSourceBatchSampler(Sampler):
+    """Batches from several datasets, each batch from one source, chosen at random in proportion to ``ratios``
+    (the paper mixes box- and image-labelled batches 1:4). Yields lists of ``(source, index, augmentation_seed)``.
+
+    The source of iteration ``i`` is the ``i``-th draw of a generator seeded by ``seed``, identical on every rank
+    (all workers run the same kind of batch, so DDP sees the same losses); each source keeps its own endless
+    stream (`TrainingBatchSampler`), advanced only on its own iterations. Resuming at ``start_iter`` replays the
+    draws before it, so the continuation equals an uninterrupted run.
+    """
+
+    def __init__(
+        self,
+        sizes: list[int],
+        *,
+        ratios: list[float],
+        batch_sizes: list[int],
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start_iter: int = 0,
+    ) -> None:
+        if not (len(sizes) == len(ratios) == len(batch_sizes)):
+            raise ValueError(
+                f"{len(sizes)} training datasets but DATALOADER.DATASET_RATIO has {len(ratios)} entries and "
+                f"DATALOADER.DATASET_BS {len(batch_sizes)}; give one per dataset"
+            )
+        if any(r < 0 for r in ratios) or sum(ratios) <= 0:
+            raise ValueError(f"DATALOADER.DATASET_RATIO must be non-negative with a positive sum, got {ratios}")
+        self.streams = [
+            TrainingBatchSampler(n, batch_size=b * world_size, seed=seed + 1_000_003 * k, rank=rank, world_size=world_size)
+            for k, (n, b) in enumerate(zip(sizes, batch_sizes))
+        ]
+        self.cum = np.cumsum(np.asarray(ratios, dtype=np.float64) / sum(ratios))
+        self.seed, self.start_iter = seed, start_iter
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        rng = np.random.default_rng(self.seed)
+        counts = np.bincount(self._sources(rng, self.start_iter), minlength=len(self.streams))
+        while True:
+            k = int(self._sources(rng, 1)[0])
+            yield [(k, i, s) for i, s in self.streams[k].batch_at(int(counts[k]))]
+            counts[k] += 1
+
+    def _sources(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        return np.minimum(np.searchsorted(self.cum, rng.random(n), side="right"), len(self.cum) - 1)

@@ -48,10 +48,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
-    """Load ``state`` into ``model``; any missing, unexpected or mis-shaped key is an error listing them."""
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], *, source: str, allow_missing: bool = False) -> list[str]:
+    """Load ``state`` into ``model``; unexpected or mis-shaped keys are an error listing them, and so are missing
+    ones unless ``allow_missing`` (initialising a larger model, e.g. weight transfer from an RKD checkpoint: the new
+    parts keep their initialisation). Returns the missing keys."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
+    if allow_missing:
+        missing_ok, missing = missing, []
     unexpected = sorted(set(state) - set(own))
     shapes = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
@@ -63,7 +67,11 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], *, source
         for k, got, want in shapes[:10]:
             lines.append(f"  {k}: checkpoint shape {list(got)}, model shape {list(want)}")
         raise CheckpointError("\n".join(lines))
+    if allow_missing:
+        model.load_state_dict(state, strict=False)
+        return missing_ok
     model.load_state_dict(state)
+    return []
 
 
 class Checkpointer:

@@ -11,7 +11,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ovd.config import Config, save_config
-from ovd.data.build import build_train_loader, load_train_dataset, open_region_store
+from ovd.data.build import build_train_loader, load_train_datasets, open_region_store, train_ann_types
+from ovd.data.region_store import RegionStore
 from ovd.engine.checkpoint import Checkpointer, load_model_state, read_checkpoint
 from ovd.engine.evaluate import dataset_vocabulary, evaluate
 from ovd.engine.events import MetricsWriter
@@ -46,6 +47,7 @@ def loss_weights(cfg: Config) -> dict[str, float]:
         # the paper scales both RKD weights by 100
         "loss_distil_l1": cfg.MODEL.DISTIL_L1_LOSS_WEIGHT * 100,
         "loss_irm": cfg.MODEL.IRM_LOSS_WEIGHT * 100,
+        "loss_pms": cfg.MODEL.ROI_BOX_HEAD.PMS_LOSS_WEIGHT,
     }
 
 
@@ -69,10 +71,28 @@ def lr_factor(cfg: Config, iteration: int) -> float:
     return factor
 
 
+def region_stores(cfg: Config, datasets: list, *, teacher: str | None) -> list[RegionStore]:
+    """One RKD region store per training source; the store must come from the CLIP model that embedded the class
+    names (``teacher``, from their sidecar)."""
+    stores = []
+    for dataset, ann in zip(datasets, train_ann_types(cfg)):
+        key, path = "MODEL.RKD_FEAT_PATH", cfg.MODEL.RKD_FEAT_PATH
+        if ann == "image" and cfg.MODEL.RKD_ILS_FEAT_PATH:
+            key, path = "MODEL.RKD_ILS_FEAT_PATH", cfg.MODEL.RKD_ILS_FEAT_PATH
+        store = open_region_store(path, cfg, key=key, expected_model=teacher)
+        missing = sum(r.image_id not in store for r in dataset.records)
+        if missing:
+            logger.warning("%d of %d images of %s have no entry in the region store %s (no distillation for them)",
+                           missing, len(dataset), dataset.name, store.path)
+        stores.append(store)
+    return stores
+
+
 def load_weights(model: OVDetector, path: str) -> None:
-    """Initialise from MODEL.WEIGHTS (an `ovd` checkpoint or a bare state dict)."""
-    load_model_state(model, read_checkpoint(path)["model"], source=path)
-    logger.info("loaded weights from %s", path)
+    """Initialise from MODEL.WEIGHTS (an `ovd`, bare or detectron2-format checkpoint); parts the checkpoint lacks
+    (e.g. the weight-transfer layers when starting from the RKD model) keep their initialisation."""
+    missing = load_model_state(model, read_checkpoint(path)["model"], source=path, allow_missing=True)
+    logger.info("loaded weights from %s%s", path, f"; not in it, kept as initialised: {', '.join(missing)}" if missing else "")
 
 
 def _check_finite(losses: dict[str, torch.Tensor], iteration: int) -> None:
@@ -92,11 +112,13 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
 
-    dataset = load_train_dataset(cfg)
+    datasets = load_train_datasets(cfg)
+    dataset = datasets[0]
     vocab = dataset_vocabulary(cfg, dataset, train=True)
+    # classes without training boxes (novel) get no classification loss: count box-labelled images only
+    counts = sum(d.class_image_counts() for d, ann in zip(datasets, train_ann_types(cfg)) if ann == "box")
     torch.manual_seed(cfg.SEED)
-    model = build_model(cfg, text_embeds=torch.from_numpy(vocab.embeds),
-                        class_image_counts=torch.from_numpy(dataset.class_image_counts()))
+    model = build_model(cfg, text_embeds=torch.from_numpy(vocab.embeds), class_image_counts=torch.from_numpy(counts))
     model.to(device)
     optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
@@ -110,18 +132,15 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     max_iter = cfg.SOLVER.MAX_ITER
     ddp = model
     if world > 1:
+        # image-labelled batches leave the RPN (and the box regressor) without gradients
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      find_unused_parameters=False)
-    # the region store must come from the CLIP model that embedded the class names
-    store = open_region_store(cfg, expected_model=vocab.meta.get("model")) if cfg.MODEL.DISTILLATION else None
-    if store is not None:
-        missing = sum(r.image_id not in store for r in dataset.records)
-        if missing:
-            logger.warning("%d of %d training images have no entry in the region store %s", missing, len(dataset), store.path)
-    loader = build_train_loader(cfg, dataset, rank=rank, world_size=world, start_iter=start_iter, region_store=store)
+                                      find_unused_parameters=len(datasets) > 1)
+    stores = region_stores(cfg, datasets, teacher=vocab.meta.get("model")) if cfg.MODEL.DISTILLATION else None
+    loader = build_train_loader(cfg, datasets, rank=rank, world_size=world, start_iter=start_iter, region_stores=stores)
     writer = MetricsWriter(out_dir, max_iter=max_iter, start_iter=start_iter) if is_main_process() else None
     weights = loss_weights(cfg)
-    logger.info("training %s from iteration %d to %d on %s (%d worker(s))", dataset.name, start_iter, max_iter, device, world)
+    logger.info("training on %s from iteration %d to %d on %s (%d worker(s))", ", ".join(d.name for d in datasets),
+                start_iter, max_iter, device, world)
 
     model.train()
     data_iter = iter(loader)

@@ -62,14 +62,23 @@ class OVDetector(nn.Module):
         return self.forward_train(samples)
 
     def forward_train(self, samples: list[ImageSample]) -> dict[str, Tensor]:
-        """Unweighted losses for a batch of images with ground truth (``sample.gt``)."""
-        if any(s.gt is None for s in samples):
-            raise ValueError("forward_train needs ground truth (ImageSample.gt) for every image")
+        """Unweighted losses of a batch: box-labelled (every ``sample.gt`` set: RPN and RoI losses) or
+        image-labelled (every ``sample.image_labels`` set: the PIS loss only); plus RKD where regions are given."""
+        if all(s.gt is not None for s in samples):
+            box_batch = True
+        elif all(s.image_labels is not None for s in samples):
+            box_batch = False
+        else:
+            raise ValueError("a training batch needs ground truth (ImageSample.gt) for every image, or image labels "
+                             "with pseudo boxes (ImageSample.image_labels) for every image")
         images, sizes = self.preprocess(samples)
-        gt = [s.gt.to(self.device) for s in samples]
         features = self.backbone(images)
-        proposals, losses = self.rpn(features, sizes, gt)
-        losses.update(self.roi_heads.losses(features, proposals, gt))
+        if box_batch:
+            gt = [s.gt.to(self.device) for s in samples]
+            proposals, losses = self.rpn(features, sizes, gt)
+            losses.update(self.roi_heads.losses(features, proposals, gt))
+        else:
+            losses = self.roi_heads.pis_losses(features, [s.image_labels.to(self.device) for s in samples])
         if any(s.regions is not None for s in samples):
             if any(s.regions is None for s in samples):
                 raise ValueError("distillation regions are given for some images of the batch but not all")

@@ -89,3 +89,19 @@ def rkd_irm_loss(student: Tensor, teacher: Tensor, *, normalize: bool = False) -
     diff = F.normalize(s @ s.t(), p=1, dim=1) - F.normalize(t @ t.t(), p=1, dim=1)
     loss = (diff**2).sum()
     return loss / (n * n) if normalize else loss
+
+
+def pis_loss(logits: Tensor, classes: Tensor, image_index: Tensor) -> Tensor:
+    """Pseudo image-level supervision (DESIGN §2): for each image label, BCE of its pseudo box's logits against the
+    one-hot label, summed over the C + 1 columns, averaged over the image's labels, then over images.
+
+    logits: Tensor[L, C + 1]; classes: Tensor[L] in [0, C); image_index: Tensor[L] which image each label is of.
+    """
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    target = F.one_hot(classes, logits.shape[1]).to(logits.dtype)
+    per_label = F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(dim=1)
+    images, inverse = torch.unique(image_index, return_inverse=True)
+    per_image = torch.zeros(len(images), dtype=logits.dtype, device=logits.device).index_add_(0, inverse, per_label)
+    counts = torch.bincount(inverse, minlength=len(images)).to(logits.dtype)
+    return (per_image / counts).mean()

@@ -13,6 +13,7 @@ from ovd.modeling.classifier import ZeroShotClassifier
 from ovd.modeling.losses import (
     box_reg_loss,
     federated_classes,
+    pis_loss,
     rkd_irm_loss,
     rkd_l1_loss,
     sigmoid_ce_loss,
@@ -191,6 +192,13 @@ class ROIHeads(nn.Module):
             "loss_distil_l1": rkd_l1_loss(student, teacher),
             "loss_irm": rkd_irm_loss(student, teacher, normalize=self.irm_normalize),
         }
+
+    def pis_losses(self, features: dict[str, Tensor], image_labels: list[Instances]) -> dict[str, Tensor]:
+        """PIS on an image-labelled batch: the pseudo boxes take the place of the proposals (DESIGN §2)."""
+        logits, _ = self.box_predictor(self.box_features(features, [il.boxes for il in image_labels]))
+        classes = torch.cat([il.classes for il in image_labels])
+        image_index = torch.cat([torch.full((len(il),), i, device=classes.device) for i, il in enumerate(image_labels)])
+        return {"loss_pms": pis_loss(logits, classes, image_index)}
 
     def mask_losses(self, features: dict[str, Tensor], sampled: list[Instances], gt: list[Instances]) -> Tensor:
         """Mask BCE on the foreground proposals, against each matched gt mask cut out by the proposal box."""
