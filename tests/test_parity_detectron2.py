@@ -280,12 +280,10 @@ def load_original_bgr(fixture, i):
 
 
 def test_convert_tool_writes_an_ovd_checkpoint(fixture, tmp_path):
-    import importlib.util
+    from tools_loader import load_tool
 
     name, root, cfg, model, _ = fixture
-    spec = importlib.util.spec_from_file_location("convert", "tools/convert_detectron2_checkpoint.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("convert_detectron2_checkpoint")
     out = tmp_path / "converted.pth"
     tool.main([str(root / "model_final.pth"), str(out)])
     state = torch.load(out, map_location="cpu", weights_only=True)["model"]

@@ -143,6 +143,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
                 start_iter, max_iter, device, world)
 
     model.train()
+    window: dict[str, list[float]] = {}
     data_iter = iter(loader)
     for iteration in range(start_iter, max_iter):
         torch.manual_seed(hash((cfg.SEED, rank, iteration)) % (1 << 63))
@@ -162,11 +163,13 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         scheduler.step()
 
         done = iteration + 1
-        log_now = done % cfg.LOG_PERIOD == 0 or done == max_iter or iteration == start_iter
-        if log_now:
-            metrics = {k: v.item() for k, v in losses.items()}
-            metrics["total_loss"] = total.item()
-            metrics = reduce_mean(metrics, device)
+        for k, v in [*losses.items(), ("total_loss", total)]:
+            window.setdefault(k, []).append(v.item())
+        if done % cfg.LOG_PERIOD == 0 or done == max_iter or iteration == start_iter:
+            # each loss averaged over the iterations since the last line (where it occurred: PIS losses only on
+            # image-labelled batches)
+            metrics = reduce_mean({k: sum(v) / len(v) for k, v in window.items()}, device)
+            window.clear()
             metrics["lr"] = lr
             if writer is not None:
                 writer.write(iteration, metrics)
