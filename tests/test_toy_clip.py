@@ -75,7 +75,8 @@ def test_zero_shot_accuracy_on_constructed_embeddings():
     acc = zero_shot_accuracy(images, texts, labels, names, groups={"base": [0, 1], "novel": [2, 3]})
     assert acc["all"] == pytest.approx(3 / 5)
     assert acc["base"] == pytest.approx(2 / 3) and acc["novel"] == pytest.approx(1 / 2)
-    assert acc["per_class"] == pytest.approx({"red circle": 1.0, "blue star": 0.5, "green square": 0.5, "white cross": None})
+    expected = {"red circle": 1.0, "blue star": 0.5, "green square": 0.5, "white cross": None}
+    assert acc["per_class"] == pytest.approx(expected)
     assert acc["num_crops"] == 5 and acc["num_crops_per_class"]["white cross"] == 0
     assert zero_shot_accuracy(images, texts, labels, names, groups={"none": [3]})["none"] is None
     with pytest.raises(ValueError, match="4 text embeddings for 3 names"):
@@ -141,7 +142,7 @@ def test_loss_goes_down_and_the_model_learns_its_training_crops(runs):
     trained = evaluate_zero_shot(load_clip(f"local-dir:{folder_a}"), train)
     untrained = evaluate_zero_shot(load_clip("ovd-toy-vit", seed=0), train)
     # Chance is 1/16.
-    assert trained["all"] > 0.4 and trained["all"] > untrained["all"] + 0.2
+    assert trained["all"] > 0.3 and trained["all"] > untrained["all"] + 0.2  # measured 0.48 vs 0.03
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from PIL import Image
 from ovd.clip.models import CONFIG_FILENAME, WEIGHTS_FILENAME, ClipBundle, load_clip, save_clip
 from ovd.clip.text import DEFAULT_TEMPLATES, encode_text
 from ovd.data.mapper import read_image
-from ovd.data.shapes import SHAPES_CATEGORIES, default_shapes_root, load_shapes_meta, shapes_split_paths
+from ovd.data.shapes import default_shapes_root, load_shapes_meta, shapes_split_paths
 from ovd.utils.io import read_json, write_json
 
 __all__ = [
@@ -245,7 +245,7 @@ def evaluate_zero_shot(bundle: ClipBundle, crops: BoxCrops, *, template: str = D
 
 
 def toy_clip_params(
-    world_root: str | os.PathLike, *, steps: int = 300, batch_size: int = 64, lr: float = 1e-3, seed: int = 0
+    world_root: str | os.PathLike, *, steps: int = 600, batch_size: int = 64, lr: float = 1e-3, seed: int = 0
 ) -> dict[str, Any]:
     """The parameters that determine a toy CLIP run (stored as ``metrics.json["params"]``): the arguments, the fixed
     recipe and the world's own generation parameters, so a regenerated world invalidates a trained teacher."""
@@ -266,7 +266,7 @@ def train_toy_clip(
     world_root: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    steps: int = 300,
+    steps: int = 600,
     batch_size: int = 64,
     lr: float = 1e-3,
     seed: int = 0,
@@ -316,19 +316,18 @@ def train_toy_clip(
     model.train()
     tokens = bundle.tokenizer([DEFAULT_TEMPLATES[0].format(name) for name in train.names])
     optimizer = _optimizer(model, lr)
-    warmup = max(1, round(WARMUP_FRACTION * steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: (i + 1) / warmup if i < warmup else 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, steps - warmup)))
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps))
     generator = torch.Generator().manual_seed(seed)
     pools = [torch.from_numpy(np.flatnonzero(train.labels == c)) for c in range(len(train.names))]
     losses: list[float] = []
     for step in range(steps):
         indices = _balanced_batch(pools, batch_size, generator)
-        boxes, flips = _augment(train.boxes[indices.numpy()], train, indices, generator)
+        boxes, flips = _augment(train, indices, generator)
         pixels = preprocess_crops(bundle.preprocess, train, indices.tolist(), boxes=boxes, flips=flips)
         labels = torch.from_numpy(train.labels[indices.numpy()])
         image_embeds = model.encode_image(pixels, normalize=True)
+        # The batch's texts are the C category prompts: a crop's caption is its category's prompt, so the per-pair
+        # captions would only repeat these rows.
         text_embeds = model.encode_text(tokens, normalize=True)
         positives = labels[:, None] == torch.arange(len(train.names))
         loss = multi_positive_clip_loss(image_embeds, text_embeds, positives, model.logit_scale.exp())
@@ -343,14 +342,12 @@ def train_toy_clip(
             log(f"toy CLIP: step {step + 1}/{steps}  loss {np.mean(losses[-25:]):.4f}  "
                 f"logit scale {model.logit_scale.exp().item():.1f}  {time.perf_counter() - start:.0f} s")
     model.eval()
-    train_seconds = time.perf_counter() - start
     zero_shot = evaluate_zero_shot(bundle, val)
     save_clip(bundle, out_dir)
     metrics = {
         "params": params,
         "steps": steps,
         "seconds": round(time.perf_counter() - start, 2),
-        "train_seconds": round(train_seconds, 2),
         "threads": torch.get_num_threads(),
         "final_loss": float(np.mean(losses[-10:])),
         "losses": losses,
@@ -372,6 +369,18 @@ def _optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
     )
 
 
+def _warmup_cosine(steps: int) -> Callable[[int], float]:
+    """Learning-rate factor of step i: linear warm-up over ``WARMUP_FRACTION`` of the steps, then cosine to 0."""
+    warmup = max(1, round(WARMUP_FRACTION * steps))
+
+    def factor(i: int) -> float:
+        if i < warmup:
+            return (i + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, steps - warmup)))
+
+    return factor
+
+
 def _balanced_batch(pools: list[torch.Tensor], batch_size: int, generator: torch.Generator) -> torch.Tensor:
     """Box indices [batch_size]: categories cycled in shuffled rounds (so each appears equally often), then one
     random box of each drawn category. Categories without boxes are never drawn."""
@@ -379,15 +388,18 @@ def _balanced_batch(pools: list[torch.Tensor], batch_size: int, generator: torch
     if len(present) == 0:
         raise ValueError("the training split has no boxes")
     rounds = -(-batch_size // len(present))
-    classes = present[torch.cat([torch.randperm(len(present), generator=generator) for _ in range(rounds)])[:batch_size]]
+    order = torch.cat([torch.randperm(len(present), generator=generator) for _ in range(rounds)])
+    classes = present[order[:batch_size]]
     picks = torch.randint(1 << 62, (batch_size,), generator=generator)
     return torch.stack([pools[c][picks[k] % len(pools[c])] for k, c in enumerate(classes.tolist())])
 
 
 def _augment(
-    boxes: np.ndarray, crops: BoxCrops, indices: torch.Tensor, generator: torch.Generator
+    crops: BoxCrops, indices: torch.Tensor, generator: torch.Generator
 ) -> tuple[np.ndarray, list[bool]]:
-    """Jitter each xyxy box's edges by up to ``BOX_JITTER`` of its size (kept inside its image), draw h-flips."""
+    """Jittered xyxy boxes [K, 4] of boxes ``indices`` (each edge moved by up to ``BOX_JITTER`` of the box's size,
+    kept inside its image) and K h-flip draws."""
+    boxes = crops.boxes[indices.numpy()]
     sizes = np.tile(boxes[:, 2:] - boxes[:, :2], 2)
     shifts = (torch.rand(len(boxes), 4, generator=generator, dtype=torch.float64).numpy() * 2 - 1) * BOX_JITTER
     jittered = boxes + shifts * sizes

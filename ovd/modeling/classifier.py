@@ -57,6 +57,15 @@ class ZeroShotClassifier(nn.Module):
             logits = logits + self.cls_bias
         return logits
 
+    def fuse(self) -> FusedClassifier:
+        """The deployment form of this classifier: same logits, no per-call text normalisation, padding or bias add
+        (see `FusedClassifier`); it shares the projection's parameters with this one."""
+        return FusedClassifier(projection=self.linear, **self._fused_vocabulary())
+
+    def _fused_vocabulary(self) -> dict:
+        bias = 0.0 if self.cls_bias is None else float(self.cls_bias.detach())
+        return {"text_embeds": self.text_embeds, "temperature": self.temperature, "bias": bias}
+
 
 class WeightTransferClassifier(ZeroShotClassifier):
     """Weight transfer (DESIGN §2): classification scores ``z = fc4(LeakyReLU(fc3(x))) + W_T x`` with
@@ -89,3 +98,71 @@ class WeightTransferClassifier(ZeroShotClassifier):
 
     def project(self, x: Tensor) -> Tensor:
         return self.fc4(F.leaky_relu(self.fc3(x), 0.1)) + x @ self.transfer_weight().t()
+
+    @torch.no_grad()
+    def fuse(self) -> FusedClassifier:
+        """As `ZeroShotClassifier.fuse`, with ``W_T`` computed once instead of on every call."""
+        projection = TransferProjection(fc3=self.fc3, fc4=self.fc4, transfer_weight=self.transfer_weight())
+        return FusedClassifier(projection=projection, **self._fused_vocabulary())
+
+
+class TransferProjection(nn.Module):
+    """The weight-transfer projection ``z = fc4(LeakyReLU(fc3(x))) + W_T x`` with ``W_T`` (Tensor[D, in_dim]) fixed."""
+
+    def __init__(self, *, fc3: nn.Linear, fc4: nn.Linear, transfer_weight: Tensor) -> None:
+        super().__init__()
+        self.fc3, self.fc4 = fc3, fc4
+        self.register_buffer("transfer_weight", transfer_weight.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc4(F.leaky_relu(self.fc3(x), 0.1)) + F.linear(x, self.transfer_weight)
+
+
+class FusedClassifier(nn.Module):
+    """A trained classifier folded for deployment (YOLO-World's ``fuse()``): ``logits = normalize(P x) · Aᵀ + b``.
+
+    ``P`` is the classifier's projection (weight transfer precomputed), ``A`` (Tensor[C + 1, D]) is τ·T with a zero
+    background row and ``b`` (Tensor[C + 1]) the logit bias, so scoring is one matrix product: the same logits as the
+    unfused classifier, without the text normalisation, background padding and bias add on every call. Inference only
+    (no `region_embeds` for RKD). `set_vocabulary` refolds new text embeddings.
+    """
+
+    def __init__(self, *, projection: nn.Module, text_embeds: Tensor, temperature: float, bias: float = 0.0) -> None:
+        super().__init__()
+        self.projection = projection
+        self.temperature, self.bias = temperature, bias
+        num_classes, embed_dim = text_embeds.shape
+        self.register_buffer("logit_weight", text_embeds.new_zeros((num_classes + 1, embed_dim), dtype=torch.float32))
+        self.register_buffer("logit_bias", text_embeds.new_zeros(num_classes + 1, dtype=torch.float32))
+        self.set_vocabulary(text_embeds)
+
+    @property
+    def num_classes(self) -> int:
+        return self.logit_weight.shape[0] - 1
+
+    @property
+    def text_embeds(self) -> Tensor:
+        """The vocabulary (Tensor[C, D], L2-normalised), recovered from the folded weight."""
+        return self.logit_weight[:-1] / self.temperature
+
+    def set_vocabulary(self, text_embeds: Tensor) -> None:
+        """Fold ``text_embeds`` (Tensor[C', D]) in place of the current vocabulary."""
+        embed_dim = self.logit_weight.shape[1]
+        if text_embeds.ndim != 2 or text_embeds.shape[1] != embed_dim:
+            raise ValueError(f"vocabulary embeddings must be [C, {embed_dim}], got {list(text_embeds.shape)}")
+        device = self.logit_weight.device
+        weight = self.temperature * F.normalize(text_embeds.float(), dim=1)
+        self.logit_weight = F.pad(weight, (0, 0, 0, 1)).to(device)
+        self.logit_bias = torch.full((len(weight) + 1,), self.bias, device=device)
+
+    def project(self, x: Tensor) -> Tensor:
+        """The embedding scored (Tensor[N, D]), as the unfused classifier's `project`."""
+        return self.projection(x)
+
+    def fuse(self) -> FusedClassifier:
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits Tensor[N, C + 1] for region features ``x`` (Tensor[N, in_dim]); the last column is background."""
+        z = F.normalize(self.projection(x), dim=1)
+        return F.linear(z, self.logit_weight.to(z.dtype), self.logit_bias.to(z.dtype))

@@ -106,6 +106,13 @@ class OVDetector(nn.Module):
         """Detect the classes whose text embeddings (Tensor[C, D]) are given, from now on."""
         self.roi_heads.box_predictor.cls_score.set_vocabulary(text_embeds)
 
+    def fuse(self) -> OVDetector:
+        """Fold the classifier for deployment, in place (`ovd.modeling.classifier.FusedClassifier`): the same
+        detections, faster scoring; `set_vocabulary` still works, RKD (`embed_regions`, training) no longer does."""
+        predictor = self.roi_heads.box_predictor
+        predictor.cls_score = predictor.cls_score.fuse()
+        return self
+
 
 def rescale(results: Instances, out_size: tuple[int, int]) -> Instances:
     """Map boxes from the resized image to ``out_size`` (h, w), clip, drop empty boxes, and paste masks at that

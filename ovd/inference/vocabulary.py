@@ -1,0 +1,239 @@
+"""Vocabularies for inference: class names (presets, lists, files) and their text embeddings, cached on disk.
+
+A vocabulary is embedded once per (text model, its weights, prompt templates, names); the result is kept under
+``$OVD_CACHE/text_embeddings/`` (default ``~/.cache/ovd``) as `.npy` + JSON sidecar (DESIGN §4), so setting the same
+vocabulary again, in this process or the next, costs a file read instead of a text-tower pass.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ovd.clip.models import LOCAL_DIR_PREFIX, ClipBundle, load_clip
+from ovd.clip.text import (
+    DEFAULT_TEMPLATES,
+    TextEmbeddings,
+    encode_text,
+    load_templates,
+    load_text_embeddings,
+    read_lines,
+    save_text_embeddings,
+)
+from ovd.data.shapes import SHAPES_CATEGORIES
+from ovd.inference.lvis_v1_names import LVIS_V1_NAMES
+
+__all__ = [
+    "PRESETS",
+    "TextEncoder",
+    "Vocabulary",
+    "cache_dir",
+    "check_names",
+    "parse_vocabulary",
+    "preset_vocabulary",
+    "resolve_templates",
+]
+
+logger = logging.getLogger(__name__)
+
+# COCO 2017 detection categories: (id, name); ids are not contiguous.
+_COCO = (
+    (1, "person"), (2, "bicycle"), (3, "car"), (4, "motorcycle"), (5, "airplane"), (6, "bus"), (7, "train"),
+    (8, "truck"), (9, "boat"), (10, "traffic light"), (11, "fire hydrant"), (13, "stop sign"), (14, "parking meter"),
+    (15, "bench"), (16, "bird"), (17, "cat"), (18, "dog"), (19, "horse"), (20, "sheep"), (21, "cow"),
+    (22, "elephant"), (23, "bear"), (24, "zebra"), (25, "giraffe"), (27, "backpack"), (28, "umbrella"),
+    (31, "handbag"), (32, "tie"), (33, "suitcase"), (34, "frisbee"), (35, "skis"), (36, "snowboard"),
+    (37, "sports ball"), (38, "kite"), (39, "baseball bat"), (40, "baseball glove"), (41, "skateboard"),
+    (42, "surfboard"), (43, "tennis racket"), (44, "bottle"), (46, "wine glass"), (47, "cup"), (48, "fork"),
+    (49, "knife"), (50, "spoon"), (51, "bowl"), (52, "banana"), (53, "apple"), (54, "sandwich"), (55, "orange"),
+    (56, "broccoli"), (57, "carrot"), (58, "hot dog"), (59, "pizza"), (60, "donut"), (61, "cake"), (62, "chair"),
+    (63, "couch"), (64, "potted plant"), (65, "bed"), (67, "dining table"), (70, "toilet"), (72, "tv"),
+    (73, "laptop"), (74, "mouse"), (75, "remote"), (76, "keyboard"), (77, "cell phone"), (78, "microwave"),
+    (79, "oven"), (80, "toaster"), (81, "sink"), (82, "refrigerator"), (84, "book"), (85, "clock"), (86, "vase"),
+    (87, "scissors"), (88, "teddy bear"), (89, "hair drier"), (90, "toothbrush"),
+)
+PRESETS = ("coco", "lvis", "shapes")
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Class names and the category id each gets in COCO JSON output (1..C unless the preset has its own)."""
+
+    names: tuple[str, ...]
+    category_ids: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        check_names(self.names)
+        if len(self.category_ids) != len(self.names):
+            raise ValueError(f"{len(self.names)} class names but {len(self.category_ids)} category ids")
+
+    @classmethod
+    def of(cls, names: Sequence[str]) -> Vocabulary:
+        """``names`` with category ids 1..C."""
+        return cls(tuple(names), tuple(range(1, len(names) + 1)))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def check_names(names: Sequence[str]) -> None:
+    """Raise ValueError for an empty vocabulary, a blank name or a name given twice."""
+    if isinstance(names, str):
+        raise TypeError(f"a vocabulary is a list of class names, got the string {names!r}")
+    if len(names) == 0:
+        raise ValueError("the vocabulary is empty: give at least one class name")
+    blank = [i for i, n in enumerate(names) if not n.strip()]
+    if blank:
+        raise ValueError(f"blank class names at positions {blank}")
+    duplicates = [n for n, k in collections.Counter(names).items() if k > 1]
+    if duplicates:
+        raise ValueError(f"duplicate class names: {duplicates}")
+
+
+def preset_vocabulary(name: str) -> Vocabulary:
+    """``coco`` (80 names, COCO ids), ``lvis`` (the 1203 LVIS v1 names, ``_`` read as a space, ids 1..1203) or
+    ``shapes`` (the 16 shapes-world categories, their ids)."""
+    if name == "coco":
+        return Vocabulary(tuple(n for _, n in _COCO), tuple(i for i, _ in _COCO))
+    if name == "lvis":
+        # Prompts read "a photo of a bat (animal)", as Detic's embeddings of the LVIS names do.
+        return Vocabulary.of([n.replace("_", " ") for n in LVIS_V1_NAMES])
+    if name == "shapes":
+        return Vocabulary(tuple(c["name"] for c in SHAPES_CATEGORIES), tuple(c["id"] for c in SHAPES_CATEGORIES))
+    raise ValueError(f"unknown vocabulary preset {name!r}; presets: {', '.join(PRESETS)}")
+
+
+def parse_vocabulary(spec: str) -> Vocabulary:
+    """A vocabulary from a command-line value: a preset name, a text file with one name per line, or a
+    comma-separated list of names."""
+    if spec in PRESETS:
+        return preset_vocabulary(spec)
+    if Path(spec).is_file():
+        return Vocabulary.of(read_lines(spec, what="vocabulary file"))
+    return Vocabulary.of([n.strip() for n in spec.split(",")])
+
+
+def resolve_templates(templates: Sequence[str] | str | os.PathLike | None, default: Sequence[str]) -> tuple[str, ...]:
+    """Prompt templates: a sequence of strings with one ``{}`` each, a template file (one per line), or ``default``."""
+    if templates is None:
+        return tuple(default)
+    if isinstance(templates, (str, os.PathLike)):
+        return load_templates(templates)
+    return tuple(templates)
+
+
+def cache_dir() -> Path:
+    """``$OVD_CACHE``, else ``~/.cache/ovd``."""
+    return Path(os.environ.get("OVD_CACHE") or Path.home() / ".cache" / "ovd")
+
+
+class TextEncoder:
+    """Class names → text embeddings (Tensor[C, D], rows L2-normalised) with one CLIP text tower, cached on disk.
+
+    ``known`` is a vocabulary already embedded by this tower (a detector's training vocabulary): names it contains,
+    with its templates, are taken from it without the tower, which also serves towers that cannot be rebuilt.
+    ``model_name`` None means no tower is known; encoding a new name then raises ``unavailable`` as the reason.
+    The tower is loaded on the first cache miss.
+    """
+
+    def __init__(
+        self,
+        model_name: str | None,
+        pretrained: str | None = None,
+        *,
+        seed: int | None = None,
+        device: str | torch.device = "cpu",
+        known: TextEmbeddings | None = None,
+        unavailable: str = "",
+    ) -> None:
+        self.model_name, self.pretrained, self.seed, self.device = model_name, pretrained, seed, device
+        self.known = known
+        self.unavailable = unavailable
+        self.default_templates = tuple((known.meta.get("templates") if known else None) or DEFAULT_TEMPLATES)
+        self._bundle: ClipBundle | None = None
+        self._known_rows = {n: i for i, n in enumerate(known.names)} if known is not None and known.names else {}
+
+    @classmethod
+    def for_embeddings(
+        cls, known: TextEmbeddings, *, source: str, model_name: str | None = None, pretrained: str | None = None,
+        device: str | torch.device = "cpu",
+    ) -> TextEncoder:
+        """The encoder that made ``known`` (read from its sidecar: ``model``, ``pretrained``, ``seed``), unless
+        ``model_name`` is given. ``source`` names the embeddings file in error messages."""
+        if model_name is not None:
+            return cls(model_name, pretrained, device=device, known=known)
+        hint = ("pass text_encoder= (an open_clip name or local-dir:<folder>) and text_encoder_weights=, or set a ready "
+                "embeddings file (.npy)")
+        meta_model = known.meta.get("model")
+        if not meta_model:
+            return cls(None, known=known, unavailable=f"{source} has no sidecar naming its CLIP text model; {hint}")
+        meta_pretrained, seed = known.meta.get("pretrained"), known.meta.get("seed")
+        if meta_pretrained is None and not meta_model.startswith(LOCAL_DIR_PREFIX) and seed is None:
+            return cls(None, known=known, unavailable=(
+                f"{source} was made by a randomly initialised {meta_model!r} whose seed was not recorded, so new names "
+                f"cannot be embedded consistently with it; {hint}"))
+        return cls(meta_model, meta_pretrained, seed=seed, device=device, known=known)
+
+    def identity(self) -> dict[str, Any]:
+        """What determines the embeddings besides names and templates; weights files are stamped by size and mtime
+        so that a replaced file is a cache miss."""
+        stamps = []
+        if self.model_name is not None and self.model_name.startswith(LOCAL_DIR_PREFIX):
+            folder = Path(self.model_name[len(LOCAL_DIR_PREFIX):])
+            files = sorted(folder.iterdir()) if folder.is_dir() else []
+            stamps = [_stamp(p) for p in files if p.is_file()]
+        elif self.pretrained is not None and Path(self.pretrained).expanduser().is_file():
+            stamps = [_stamp(Path(self.pretrained).expanduser())]
+        return {"model": self.model_name, "pretrained": self.pretrained, "seed": self.seed, "files": stamps}
+
+    def cache_path(self, names: Sequence[str], templates: Sequence[str]) -> Path:
+        """Where the embeddings of ``names`` under ``templates`` are cached."""
+        key = {**self.identity(), "templates": list(templates), "names": list(names)}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        return cache_dir() / "text_embeddings" / f"{digest}.npy"
+
+    def encode(self, names: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
+        """Embeddings Tensor[C, D] (CPU, float32, rows L2-normalised) of ``names`` prompted with ``templates``
+        (default: the known vocabulary's templates, else ``"a photo of a {}"``)."""
+        check_names(names)
+        templates = self.default_templates if templates is None else tuple(templates)
+        if self._known_rows and tuple(templates) == self.default_templates and all(n in self._known_rows for n in names):
+            rows = torch.tensor([self._known_rows[n] for n in names])
+            return torch.from_numpy(self.known.embeds)[rows]
+        if self.model_name is None:
+            new = [n for n in names if n not in self._known_rows]
+            what = (f"class names {new[:5]}{' ...' if len(new) > 5 else ''}" if new
+                    else f"with templates {list(templates)} (the known vocabulary used {list(self.default_templates)})")
+            raise ValueError(f"cannot embed {what}: {self.unavailable}")
+        path = self.cache_path(names, templates)
+        if path.is_file():
+            try:
+                return torch.from_numpy(load_text_embeddings(path, expected_names=names).embeds)
+            except (OSError, ValueError) as e:  # a damaged cache entry is recomputed, not fatal
+                logger.warning("ignoring unreadable cached text embeddings %s: %s", path, e)
+        embeds = encode_text(self._load(), names, templates=templates)
+        save_text_embeddings(path, embeds, names=names, templates=templates, model_name=self.model_name,
+                             pretrained=self.pretrained)
+        return embeds
+
+    def _load(self) -> ClipBundle:
+        if self._bundle is None:
+            try:
+                self._bundle = load_clip(self.model_name, self.pretrained, device=self.device, seed=self.seed)
+            except (ValueError, FileNotFoundError) as e:
+                raise type(e)(f"cannot load the CLIP text model {self.model_name!r} (weights {self.pretrained!r}): {e}; "
+                              "pass text_encoder= and text_encoder_weights= to use another") from None
+        return self._bundle
+
+
+def _stamp(path: Path) -> list:
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
