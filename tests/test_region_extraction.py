@@ -1,5 +1,6 @@
 """Region embeddings for RKD: cropping, CLIP preprocessing, and the resumable, shardable extractor."""
 
+import dataclasses
 import json
 import runpy
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
 from ovd.clip import load_clip
@@ -61,17 +63,30 @@ def test_crop_regions_is_the_exact_box():
     assert crop_regions(image, np.zeros((0, 4))) == []
 
 
-def test_preprocessor_equals_clip_preprocess(toy):
+@pytest.mark.parametrize("resize_mode", ["shortest", "squash"])
+def test_preprocessor_equals_clip_preprocess(toy, resize_mode):
+    # "shortest" (every CLIP's) takes the direct PIL path; anything else runs the bundle's own transforms.
+    cfg = {**toy.model.visual.preprocess_cfg, "resize_mode": resize_mode}
+    bundle = dataclasses.replace(toy, preprocess=image_transform_v2(PreprocessCfg(**cfg), is_train=False))
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (150, 200, 3), dtype=np.uint8)
-    sizes = [(1, 1), (1, 40), (63, 64), (64, 64), (33, 97), (150, 200), (7, 5)]
-    crops = [image[:h, :w] for h, w in sizes] + [image[10:50, 20:31]]  # non-contiguous views too
-    preprocessor = RegionPreprocessor(toy)
-    expected = torch.stack([toy.preprocess(Image.fromarray(np.ascontiguousarray(c))) for c in crops])
+    sizes = [(1, 1), (1, 40), (63, 64), (64, 64), (65, 64), (33, 97), (150, 200), (7, 5)]
+    sizes += [tuple(s) for s in rng.integers(1, 150, (40, 2)).tolist()]
+    crops = [image[:h, :w] for h, w in sizes] + [image[10:50, 20:31]]  # views, as crop_regions returns
+    preprocessor = RegionPreprocessor(bundle)
+    assert (preprocessor._resize_crop is not None) == (resize_mode == "shortest")
+    expected = torch.stack([bundle.preprocess(Image.fromarray(np.ascontiguousarray(c))) for c in crops])
     assert torch.equal(preprocessor(crops), expected)
     buffer = torch.full((len(crops) + 2, 3, 64, 64), float("nan"))
     assert torch.equal(preprocessor.normalize(preprocessor.geometry(crops), out=buffer[: len(crops)]), expected)
     assert preprocessor([]).shape == (0, 3, 64, 64)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_preprocessor_normalizes_on_cuda_as_on_cpu(toy):
+    preprocessor = RegionPreprocessor(toy)
+    crops = torch.randint(0, 256, (4, 64, 64, 3), dtype=torch.uint8)
+    assert torch.equal(preprocessor.normalize(crops.cuda()).cpu(), preprocessor.normalize(crops))
 
 
 def test_select_regions_nms_then_top_k():

@@ -50,7 +50,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=5, help="regions kept per image after NMS (default: %(default)s)")
     parser.add_argument("--nms", type=float, default=0.5, help="class-agnostic NMS IoU threshold (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=256, help="regions per encoder batch (default: %(default)s)")
-    parser.add_argument("--num-workers", type=int, default=2, help="image reading/cropping processes (default: %(default)s)")
+    parser.add_argument("--num-workers", type=int,
+                        help="image reading/cropping processes (default: 0 on CPU, where the encoder keeps every core "
+                             "busy and a worker would only take turns with it; 4 otherwise)")
     parser.add_argument("--chunk-size", type=int, default=256, help="images per resumable chunk (default: %(default)s)")
     parser.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/n: this run's share (default: 0/1)")
     parser.add_argument("--skip-unknown-images", action="store_true",
@@ -103,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         top_k=args.top_k,
         nms_thresh=args.nms,
         batch_size=args.batch_size,
-        num_workers=args.num_workers,
+        num_workers=args.num_workers if args.num_workers is not None else 0 if args.device == "cpu" else 4,
         chunk_size=args.chunk_size,
         shard=args.shard,
         unknown_images="skip" if args.skip_unknown_images else "error",

@@ -22,21 +22,23 @@ import sys
 import time
 from pathlib import Path
 
-from ovd.data.catalog import datasets_root
+from ovd.utils.paths import datasets_root
 from ovd.evaluation import format_results_table
 from ovd.utils.io import read_json
 
 STAGES = ("base", "control", "rkd", "pis", "rkd_pis", "rkd_pis_wt")
 INIT_FROM = {"control": "base", "rkd": "base", "pis": "base", "rkd_pis": "base", "rkd_pis_wt": "rkd"}  # DESIGN §2
 PY = [sys.executable]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run(cmd: list[str]) -> None:
+    """Run a tool of this repository (paths relative to its root), echoing the command."""
     print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
-    subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
-def prepare(root: Path, *, num_train: int, num_val: int, teacher_steps: int) -> dict:
+def prepare(root: Path, *, num_train: int, num_val: int, teacher_steps: int, pseudo_threshold: float | None) -> dict:
     """The offline steps of the method; returns the pseudo-box report."""
     ann, props, regions = root / "annotations", root / "proposals", root / "region_embeddings"
     teacher = f"local-dir:{root / 'toy_clip'}"
@@ -61,7 +63,8 @@ def prepare(root: Path, *, num_train: int, num_val: int, teacher_steps: int) -> 
         run(PY + ["tools/mine_pseudo_labels.py", "--image-labels", str(ann / "train_image_labels.json"),
                   "--image-root", str(root / "images" / "train"), "--region-store", str(regions / "train"),
                   "--text-embeddings", str(text), "--model", teacher, "--gt", str(ann / "train_all.json"),
-                  "--out", str(pseudo), "--no-progress"])
+                  "--out", str(pseudo), "--no-progress",
+                  *(["--threshold", str(pseudo_threshold)] if pseudo_threshold is not None else [])])
     return read_json(pseudo).get("info", {})
 
 
@@ -98,12 +101,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     p.add_argument("--num-train", type=int, default=2000)
     p.add_argument("--num-val", type=int, default=300)
     p.add_argument("--teacher-steps", type=int, default=600)
+    p.add_argument("--pseudo-threshold", type=float, help="miner's score threshold (default: the miner's)")
     p.add_argument("--output", default="output/shapes", help="folder of the training runs, one per stage")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every training stage")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     root = datasets_root() / "shapes"
-    pseudo_info = prepare(root, num_train=args.num_train, num_val=args.num_val, teacher_steps=args.teacher_steps)
+    pseudo_info = prepare(root, num_train=args.num_train, num_val=args.num_val, teacher_steps=args.teacher_steps,
+                          pseudo_threshold=args.pseudo_threshold)
     out = Path(args.output)
     results = {}
     for stage in args.stages:

@@ -7,10 +7,12 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from open_clip.transform import MaybeConvertMode
 from PIL import Image
 from torch import Tensor
 from torchvision import transforms as T
 from torchvision.ops import nms
+from torchvision.transforms.functional import pil_modes_mapping
 
 from ovd.clip.models import ClipBundle
 
@@ -57,7 +59,7 @@ class RegionPreprocessor:
     """The bundle's own eval transform (CLIP's: short side to S bicubic, centre crop S, normalisation), applied to
     crops in two steps with exactly its numbers: :meth:`geometry` (PIL resize + crop → uint8, per crop, in data
     workers) and :meth:`normalize` (batched, where the encoder runs). Moving uint8 between processes is 4× cheaper than
-    float, and the batched normalisation does the same float32 operations as ``ToTensor`` + ``Normalize``.
+    float.
 
     Holds only the transforms, so it pickles cheaply into workers.
     """
@@ -70,15 +72,24 @@ class RegionPreprocessor:
                 f"expected the CLIP eval transform to end with ToTensor, Normalize; got {bundle.preprocess}"
             )
         self._geometry = T.Compose(transforms[:split])
+        self._resize_crop = _plain_resize_crop(transforms[:split])
         normalize = transforms[-1]
         self._mean = torch.tensor(normalize.mean, dtype=torch.float32).view(1, 3, 1, 1)
         self._std = torch.tensor(normalize.std, dtype=torch.float32).view(1, 3, 1, 1)
+        # ToTensor + Normalize of each possible byte, by the same float32 operations: a table lookup gives the same
+        # numbers without torch's thread pool, whose syncs cost more than this memory-bound work on a busy CPU.
+        levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 1, 256).expand(1, 3, 1, 256)
+        self._table = self._arithmetic(levels).view(3, 256).numpy()
         size = bundle.model.visual.preprocess_cfg["size"]
         self.image_size: tuple[int, int] = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
     def geometry(self, crops: Sequence[np.ndarray]) -> Tensor:
         """uint8 crops [h_i, w_i, 3] → uint8 Tensor[K, S, S, 3], resized and centre-cropped as CLIP does."""
-        out = [np.asarray(self._geometry(Image.fromarray(np.ascontiguousarray(c)))) for c in crops]
+        if self._resize_crop is not None:
+            size, resample = self._resize_crop
+            out = [_resize_centre_crop(c, size, resample) for c in crops]
+        else:
+            out = [np.asarray(self._geometry(Image.fromarray(np.ascontiguousarray(c)))) for c in crops]
         if not out:
             return torch.zeros((0, *self.image_size, 3), dtype=torch.uint8)
         return torch.from_numpy(np.stack(out))
@@ -89,13 +100,51 @@ class RegionPreprocessor:
         ``out``: float32 Tensor[K, 3, S, S] on the same device to write into (a reused buffer spares the allocation,
         which costs as much as the arithmetic here).
         """
-        pixels = crops.permute(0, 3, 1, 2)
-        x = pixels.float() if out is None else out.copy_(pixels)
-        return x.div_(255).sub_(self._mean.to(x.device)).div_(self._std.to(x.device))
+        if out is None:
+            out = torch.empty((len(crops), 3, *crops.shape[1:3]), dtype=torch.float32, device=crops.device)
+        if crops.device.type != "cpu":
+            return out.copy_(self._arithmetic(crops.permute(0, 3, 1, 2)))
+        pixels, values = crops.numpy(), out.numpy()
+        for c in range(3):
+            # mode="clip" skips numpy's bounds-check buffering; a byte is always a valid index.
+            np.take(self._table[c], pixels[..., c], out=values[:, c], mode="clip")
+        return out
 
     def __call__(self, crops: Sequence[np.ndarray]) -> Tensor:
         """uint8 crops [h_i, w_i, 3] → float32 Tensor[K, 3, S, S], equal to stacking ``bundle.preprocess`` of each."""
         return self.normalize(self.geometry(crops))
+
+    def _arithmetic(self, pixels: Tensor) -> Tensor:
+        """ToTensor's and Normalize's float32 operations, in their order, on uint8 [..., 3, h, w]."""
+        x = pixels.float().div_(255)
+        return x.sub_(self._mean.to(x.device)).div_(self._std.to(x.device))
+
+
+def _plain_resize_crop(transforms: list) -> tuple[int, int] | None:
+    """``(S, PIL resample)`` when ``transforms`` are torchvision's ``Resize(S)`` and ``CenterCrop(S)`` (and open_clip's
+    RGB conversion), as every CLIP's eval transform is; None otherwise. Their per-call bookkeeping costs as much as the
+    resize itself on small crops, so :func:`_resize_centre_crop` does the same in direct PIL calls."""
+    kinds = [type(t) for t in transforms]
+    if kinds != [T.Resize, T.CenterCrop, MaybeConvertMode] or transforms[2].mode != "RGB":
+        return None
+    resize, crop = transforms[0], transforms[1]
+    size = resize.size if isinstance(resize.size, int) else resize.size[0] if len(resize.size) == 1 else None
+    if size is None or resize.max_size is not None or list(crop.size) != [size, size]:
+        return None
+    return size, pil_modes_mapping[resize.interpolation]
+
+
+def _resize_centre_crop(crop: np.ndarray, size: int, resample: int) -> np.ndarray:
+    """``CenterCrop(size)(Resize(size)(Image.fromarray(crop)))`` as uint8 [size, size, 3], pixel for pixel: the same
+    output-size and offset rules as torchvision, the same PIL resize."""
+    h, w = crop.shape[:2]
+    # torchvision: short side to `size`, long side truncated; no resize when the size is already right.
+    new_h, new_w = (int(size * h / w), size) if w <= h else (size, int(size * w / h))
+    image = Image.fromarray(np.ascontiguousarray(crop))
+    if (new_h, new_w) != (h, w):
+        image = image.resize((new_w, new_h), resample)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return np.asarray(image)[top : top + size, left : left + size]
 
 
 @torch.no_grad()

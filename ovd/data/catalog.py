@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ovd.data.shapes import SHAPES_SPLITS
 from ovd.utils.io import read_json
+from ovd.utils.paths import datasets_root
 
 
 @dataclass(frozen=True)
@@ -23,10 +24,6 @@ class DatasetSpec:
     image_root: Path
     novel_category_ids: tuple[int, ...] = ()
     meta_file: Path | None = field(default=None, compare=False)
-
-
-def datasets_root() -> Path:
-    return Path(os.environ.get("OVD_DATASETS", "datasets"))
 
 
 _REGISTERED: dict[str, DatasetSpec] = {}

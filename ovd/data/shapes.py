@@ -6,8 +6,9 @@ some base one, so naming it needs language, as with COCO's novel classes. Layout
 
     images/train/000000.png ...          images/val/000000.png ...
     annotations/train_base.json          base boxes only (novel objects are in the pixels, unlabelled)
-    annotations/train_all.json           all boxes, same images (to measure pseudo boxes, for oracle proposals;
-                                         never for training)
+    annotations/train_all.json           all boxes, same images: the teacher's training crops (it plays web-scale
+                                         CLIP, which knows novel classes), oracle proposals, pseudo-box precision;
+                                         never the detector's training boxes
     annotations/train_image_labels.json  same images with ``pos_category_ids`` and ``captions``, no annotations
     annotations/val.json                 all boxes
     meta.json                            categories, splits, params, counts; written last: marks a complete world
@@ -31,6 +32,7 @@ import cv2
 import numpy as np
 
 from ovd.utils.io import read_json, write_json
+from ovd.utils.paths import datasets_root
 
 FORMAT_VERSION = 1
 
@@ -93,7 +95,7 @@ def novel_category_ids() -> list[int]:
 
 def default_shapes_root() -> Path:
     """``$OVD_DATASETS/shapes``, with ``OVD_DATASETS`` defaulting to ``./datasets``."""
-    return Path(os.environ.get("OVD_DATASETS", "datasets")) / "shapes"
+    return datasets_root() / "shapes"
 
 
 def shapes_split_paths(root: str | os.PathLike, name: str) -> tuple[Path, Path]:

@@ -14,7 +14,7 @@ from ovd.config import Config
 from ovd.data.build import build_test_loader, load_dataset
 from ovd.data.datasets import DetectionDataset
 from ovd.data.region_store import RegionStore
-from ovd.evaluation import COCOEvaluator, format_results_table
+from ovd.evaluation import COCOEvaluator, distillation_fidelity, format_results_table
 from ovd.modeling.detector import OVDetector
 from ovd.utils.comm import get_rank, get_world_size
 

@@ -66,7 +66,8 @@ class Detections:
     def to_coco(self, image_id: int = 0) -> list[dict[str, Any]]:
         """COCO results dicts (``image_id``, ``category_id``, ``bbox`` xywh, ``score``, RLE ``segmentation`` with masks),
         plus ``category_name`` for readers without the category list; pycocotools' ``loadRes`` accepts them."""
-        xywh = np.concatenate([self.boxes[:, :2], self.boxes[:, 2:] - self.boxes[:, :2]], axis=1).round(2)
+        boxes = self.boxes.astype(np.float64)
+        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).round(2)
         out = [
             {"image_id": int(image_id), "category_id": int(c), "category_name": n, "bbox": b, "score": round(float(s), 5)}
             for c, n, b, s in zip(self.category_ids.tolist(), self.class_names, xywh.tolist(), self.scores)

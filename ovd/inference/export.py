@@ -11,7 +11,7 @@ the graph: reading and resizing the image (`OnnxDetector` does both) and masks (
 The TorchScript tracer records one run, so every data-dependent Python branch would be frozen at its trace-time
 value. `ExportableDetector` therefore reuses the model's modules but replaces the three steps that branch on data:
 the multi-level RoI pooling (skips empty levels), the detection top-k (only when there are more candidates than k)
-and torchvision's batched NMS (returns early on no boxes).
+and torchvision's batched NMS (returns early when there is no box).
 """
 
 from __future__ import annotations
@@ -92,10 +92,11 @@ class ExportableDetector(nn.Module):
             idx = torch.nonzero(flat > heads.score_thresh)[:, 0]
             cand_scores = flat[idx]
         cand_boxes, classes = boxes[idx // num_classes], idx % num_classes
-        # torchvision's coordinate trick with a fixed offset: boxes are clipped to the image, so one image side + 1
-        # keeps classes apart without batched_nms's data-dependent early return
-        offsets = (classes * (max(self.input_size) + 1)).to(cand_boxes.dtype)[:, None]
-        keep = nms(cand_boxes + offsets, cand_scores, heads.nms_thresh)[: heads.detections_per_image]
+        # torchvision's batched_nms (its coordinate trick, which it also runs eagerly for up to 1000 candidates on
+        # CPU) without its early return on no boxes; boxes are clipped to >= 0, so the appended 0 changes no maximum
+        max_coordinate = torch.cat([cand_boxes.flatten(), cand_boxes.new_zeros(1)]).max()
+        offsets = classes.to(cand_boxes.dtype) * (max_coordinate + 1)
+        keep = nms(cand_boxes + offsets[:, None], cand_scores, heads.nms_thresh)[: heads.detections_per_image]
         return Instances(self.input_size, pred_boxes=cand_boxes[keep], scores=cand_scores[keep], pred_classes=classes[keep])
 
 

@@ -111,11 +111,13 @@ def preset_vocabulary(name: str) -> Vocabulary:
     raise ValueError(f"unknown vocabulary preset {name!r}; presets: {', '.join(PRESETS)}")
 
 
-def parse_vocabulary(spec: str) -> Vocabulary:
-    """A vocabulary from a command-line value: a preset name, a text file with one name per line, or a
-    comma-separated list of names."""
+def parse_vocabulary(spec: str) -> Vocabulary | Path:
+    """A vocabulary from a command-line value: a preset name, a ready embeddings file (``.npy``, returned as a
+    path for `Detector.set_vocabulary`), a text file with one name per line, or a comma-separated list of names."""
     if spec in PRESETS:
         return preset_vocabulary(spec)
+    if spec.endswith(".npy"):
+        return Path(spec)
     if Path(spec).is_file():
         return Vocabulary.of(read_lines(spec, what="vocabulary file"))
     return Vocabulary.of([n.strip() for n in spec.split(",")])

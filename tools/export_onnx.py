@@ -1,0 +1,60 @@
+"""Export a detector to ONNX for one image size, with a vocabulary baked in (the classifier fused).
+
+    python tools/export_onnx.py --config-file configs/shapes/base.yaml --weights output/shapes/base/model_final.pth \\
+        --vocabulary shapes --image-size 160 160 --output output/shapes/detector.onnx \\
+        --check datasets/shapes/images/val/000000.png MODEL.DEVICE cpu
+
+The graph takes the resized image (uint8 [3, h, w], model channel order) and returns boxes in original pixels,
+scores and class indices (see `ovd.inference.export`); `OnnxDetector` reads, resizes and runs it. --check runs an
+image of that size through onnxruntime and through PyTorch and prints how far apart they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+import numpy as np
+
+from ovd.data.mapper import read_image
+from ovd.engine.checkpoint import CheckpointError
+from ovd.inference.cli import add_detector_arguments, detector_from_args
+from ovd.inference.export import OnnxDetector, export_onnx
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), required=True,
+                   help="height and width of the original images the graph will take")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--output", required=True, help="the .onnx file")
+    p.add_argument("--check", metavar="IMAGE", help="an image of --image-size: compare onnxruntime with PyTorch on it")
+    add_detector_arguments(p)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        detector = detector_from_args(args, device="cpu")
+        path = export_onnx(detector, args.output, image_size=tuple(args.image_size), opset=args.opset)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}: {len(detector.vocabulary)} classes, {args.image_size[0]}x{args.image_size[1]} images")
+    if args.check:
+        image = read_image(args.check)
+        eager, onnx = detector(image), OnnxDetector(path)(image)
+        print(f"check on {args.check}: PyTorch {len(eager)} detections, onnxruntime {len(onnx)}")
+        if len(eager) != len(onnx) or not np.array_equal(eager.class_ids, onnx.class_ids):
+            print("error: the detections differ", file=sys.stderr)
+            return 1
+        if len(eager):
+            print(f"max |box difference| {np.abs(eager.boxes - onnx.boxes).max():.2e} px, "
+                  f"max |score difference| {np.abs(eager.scores - onnx.scores).max():.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
