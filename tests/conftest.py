@@ -65,3 +65,29 @@ def tiny_world(tmp_path_factory):
         os.environ.pop("OVD_DATASETS", None)
     else:
         os.environ["OVD_DATASETS"] = old
+
+
+@pytest.fixture(scope="session")
+def rkd_world(tiny_world, tmp_path_factory):
+    """The tiny world with a random-init toy CLIP as teacher: its text embeddings and a region store of the
+    training images (oracle proposals, top 5)."""
+    from ovd.clip import encode_text, load_clip, save_clip, save_text_embeddings
+    from ovd.data.proposals import make_oracle_proposals
+    from ovd.data.region_extraction import extract_region_embeddings
+    from ovd.data.shapes import SHAPES_CATEGORIES
+
+    root, overrides = tiny_world
+    work = tmp_path_factory.mktemp("rkd")
+    teacher = save_clip(load_clip("ovd-toy-vit", seed=0), work / "teacher")
+    bundle = load_clip(f"local-dir:{teacher}")
+    shapes = root / "shapes"
+    names = [c["name"] for c in SHAPES_CATEGORIES]
+    text = save_text_embeddings(work / "text.npy", encode_text(bundle, names), names=names, templates=["a photo of a {}"],
+                                model_name=f"local-dir:{teacher}", pretrained=None)
+    make_oracle_proposals(shapes / "annotations" / "train_all.json", work / "proposals.json")
+    extract_region_embeddings(bundle, dataset_json=shapes / "annotations" / "train_all.json",
+                              image_root=shapes / "images" / "train", proposals_file=work / "proposals.json",
+                              out_dir=work / "store", top_k=5, progress=False)
+    cfg_overrides = overrides + ["MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_DIM", "128", "MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH",
+                                 str(text), "MODEL.DISTILLATION", "true", "MODEL.RKD_FEAT_PATH", str(work / "store")]
+    return work, cfg_overrides
