@@ -116,6 +116,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             results[INIT_FROM[stage]] = train_stage(INIT_FROM[stage], out, args.opts)
         results[stage] = train_stage(stage, out, args.opts)
     run(PY + ["tools/plot_metrics.py", *[str(out / s) for s in results], "--out", str(out / "curves.png")])
+    last = list(results)[-1]
+    val_images = sorted((root / "images" / "val").glob("*.png"))[:6]
+    run(PY + ["tools/demo.py", "--config-file", f"configs/shapes/{last}.yaml", "--weights",
+              str(out / last / "model_final.pth"), "--input", *map(str, val_images), "--vocabulary", "shapes",
+              "--confidence-threshold", "0.5", "--output", str(out / "demo_images")])
     print()
     for stage, r in results.items():
         print(format_results_table(r, title=f"{stage} on shapes_val (AP in %)"), "\n")
@@ -125,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     for stage in results:
         print(f"  {stage + ':':<12} {out / stage}/ (model_final.pth, metrics.jsonl, tensorboard/, inference/)")
     print(f"  curves:      {out / 'curves.png'}")
+    print(f"  detections drawn on 6 val images ({last}, all 16 names incl. the 5 novel): {out / 'demo_images'}")
     return results
 
 
