@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from ovd.utils.paths import datasets_root
-from ovd.utils.io import read_json, write_text
+from ovd.utils.io import read_json, replace_markdown_section
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["base", "control", "rkd", "pis", "rkd_pis", "rkd_pis_wt"]
@@ -45,19 +45,6 @@ def table(results: dict[int, dict[str, dict]]) -> str:
             cells = [mean_std([run[k] for run in runs], scale) for k, _, scale in COLUMNS]
             lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def replace_section(path: Path, title: str, body: str) -> None:
-    """Rewrite the ``## title`` section of a Markdown file, keeping the others."""
-    text = path.read_text() if path.is_file() else "# Results\n"
-    start = text.find(f"\n## {title}\n")
-    section = f"\n## {title}\n\n{body.strip()}\n"
-    if start < 0:
-        text = text.rstrip("\n") + "\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end:] if end >= 0 else "")
-    write_text(path, text)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,7 +75,7 @@ Pseudo boxes (one world, so one value): precision {prec.get('all', {}).get('prec
 (base {prec.get('base', {}).get('precision', float('nan')):.3f}, novel {prec.get('novel', {}).get('precision', float('nan')):.3f});
 {info.get('stats', {}).get('labels_kept')} of {info.get('stats', {}).get('labels')} image labels kept.
 """
-    replace_section(REPO / args.results, "Ablation on the shapes world", body)
+    replace_markdown_section(REPO / args.results, "Ablation on the shapes world", body)
     print(table(results))
     print(f"wrote {args.results} ({wall / 60:.1f} min)")
 

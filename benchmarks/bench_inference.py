@@ -12,6 +12,7 @@ are not calibrated, so without that cap the NMS input depends on noise.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import statistics
 import time
 
@@ -25,19 +26,8 @@ from ovd.config import load_config
 from ovd.modeling.build import build_model
 from ovd.structures import ImageSample
 
-R50_FPN = [
-    "MODEL.DEVICE", "cpu",
-    "MODEL.BACKBONE.NAME", "resnet_fpn",
-    "MODEL.RESNETS.DEPTH", "50",
-    "MODEL.RPN.IN_FEATURES", "[p2,p3,p4,p5,p6]",
-    "MODEL.ANCHOR_GENERATOR.SIZES", "[[32],[64],[128],[256],[512]]",
-    "MODEL.RPN.PRE_NMS_TOPK_TEST", "1000",
-    "MODEL.RPN.POST_NMS_TOPK_TEST", "1000",
-    "MODEL.ROI_HEADS.IN_FEATURES", "[p2,p3,p4,p5]",
-    "MODEL.ROI_HEADS.TOPK_CANDIDATES_TEST", "1000",
-    "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "7",
-    "INPUT.SIZE_DIVISIBILITY", "32",
-]
+REPO = Path(__file__).resolve().parents[1]
+R50_FPN = "configs/bench/r50_fpn.yaml"
 
 
 def timed(fn, runs: int) -> float:
@@ -63,7 +53,7 @@ def main() -> None:
     rows = []
     for num_classes in (80, 1203):
         torch.manual_seed(0)
-        cfg = load_config(None, R50_FPN)
+        cfg = load_config(REPO / R50_FPN)
         ours = build_model(cfg, text_embeds=torch.randn(num_classes, 512)).eval()
         tv = torchvision.models.detection.fasterrcnn_resnet50_fpn(
             weights=None, weights_backbone=None, num_classes=num_classes + 1, min_size=800, max_size=1333

@@ -1,12 +1,14 @@
 """Regions per second of the region-embedding extractor against the bare CLIP image encoder.
 
-The extractor runs end to end (annotations and proposals read, NMS, images decoded, regions cropped and preprocessed in
-DataLoader workers, encoding, the store written and finalised) on a shapes world's train images with noisy-oracle
-proposals. The bare encoder gets the same regions already cropped and preprocessed, in memory: the same model (the
-toy CLIP, random init), batch size and thread count. Rounds alternate so drift in machine load hits both; printed are
-the best round of each and, less sensitive to other load on a shared machine, the median of the per-round ratios.
+The extractor runs end to end (annotations and proposals read, NMS, images decoded, regions cropped and preprocessed
+in DataLoader workers or in-process, encoding, the store written and finalised) on a shapes world's train images with
+noisy-oracle proposals. The bare encoder gets the same regions already cropped and preprocessed, in memory: the same
+model (by default the toy CLIP; random init either way), batch size and thread count. Rounds alternate so drift in
+machine load hits both; printed are the best round of each and, less sensitive to other load on a shared machine, the
+median of the per-round ratios.
 
-    python benchmarks/bench_region_embeddings.py [--num-images 200] [--threads N] [--num-workers 1] [--world DIR]
+    python benchmarks/bench_region_embeddings.py [--num-images 200] [--threads N] [--num-workers 0] [--world DIR]
+    python benchmarks/bench_region_embeddings.py --model ViT-B-32 --num-images 40   # a full-size encoder
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", type=Path, help="an existing shapes world (default: generate one in a temporary folder)")
     p.add_argument("--num-images", type=int, default=200, help="train images of a generated world (default: %(default)s)")
+    p.add_argument("--model", default="ovd-toy-vit", help="open_clip architecture, random init (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
@@ -51,7 +54,7 @@ def main() -> None:
         ann, image_root = world / "annotations" / "train_all.json", world / "images" / "train"
         proposals_file = tmp / "proposals.json"
         make_oracle_proposals(ann, proposals_file, seed=0)
-        bundle = load_clip("ovd-toy-vit", seed=0)
+        bundle = load_clip(args.model, seed=0)
 
         records = load_coco_json(DatasetSpec("bench", ann, image_root)).records
         proposals, _ = load_proposals(proposals_file, image_sizes={r.image_id: (r.height, r.width) for r in records})
@@ -88,7 +91,8 @@ def main() -> None:
 
     best_bare, best_extractor = max(rates_bare), max(rates_extractor)
     ratios = [b / a for a, b in zip(rates_bare, rates_extractor)]
-    print(f"CPU, {args.threads} thread(s), {args.num_workers} worker(s), toy CLIP (ViT 64 px, D=128, random init), "
+    size = preprocessor.image_size[0]
+    print(f"CPU, {args.threads} thread(s), {args.num_workers} worker(s), {args.model} ({size} px, random init), "
           f"{len(records)} images, {len(crops)} regions (top {args.top_k}), batch {args.batch_size}, {args.rounds} rounds")
     print(f"{'':28s} {'regions/s (best round)':>22}")
     print(f"{'bare encoder (pre-cropped)':28s} {best_bare:22.0f}")

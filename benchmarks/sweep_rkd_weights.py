@@ -16,10 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from ovd.utils.io import read_json
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablation_shapes import replace_section  # noqa: E402
+from ovd.utils.io import read_json, replace_markdown_section
 
 REPO = Path(__file__).resolve().parents[1]
 # (L1 weight, IRM weight, normalise IRM): the paper's COCO weights, L1 alone at several scales, IRM alone, both.
@@ -56,7 +53,7 @@ of the batch's Gram matrix (N = 20 regions at batch 4), our switch MODEL.IRM_LOS
 |---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 """
-    replace_section(REPO / args.results, "RKD loss-weight sweep", body)
+    replace_markdown_section(REPO / args.results, "RKD loss-weight sweep", body)
     print(body)
 
 

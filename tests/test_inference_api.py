@@ -4,6 +4,8 @@ import copy
 import os
 from pathlib import Path
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from PIL import Image
 from skimage import data as skdata
 
 import ovd
-from ovd.clip import encode_text, load_clip, save_text_embeddings
+from ovd.clip import encode_text, load_clip, save_clip, save_text_embeddings
 from ovd.config import load_config
 from ovd.engine.checkpoint import CheckpointError
 from ovd.inference import Detections, Detector, TextEncoder, Vocabulary, parse_vocabulary, preset_vocabulary
@@ -57,7 +59,8 @@ def test_detect_on_every_input_kind(det, photo, tmp_path):
     assert set(from_array.class_names) <= set(SHAPES_NAMES)
     assert from_array.class_names == [SHAPES_NAMES[i] for i in from_array.class_ids]
     assert from_array.masks is None
-    for other in (det(str(path)), det(path), det(Image.fromarray(photo)), det(photo[:, :, ::-1].copy(), input_format="BGR")):
+    bgr = photo[:, :, ::-1].copy()
+    for other in (det(str(path)), det(path), det(Image.fromarray(photo)), det(bgr, input_format="BGR")):
         np.testing.assert_array_equal(other.boxes, from_array.boxes)
         np.testing.assert_array_equal(other.class_ids, from_array.class_ids)
     grey = det(photo[:, :, 0])
@@ -177,6 +180,23 @@ def test_text_model_unknown(files, tmp_path, photo):
         Detector.from_config(CONFIG, files.weights, overrides=overrides, text_encoder="ViT-B-32")
 
 
+def test_another_text_tower_embeds_training_names_too(files, tmp_path):
+    other = save_clip(load_clip("ovd-toy-vit", seed=1), tmp_path / "other_clip")
+    det = Detector.from_config(CONFIG, files.weights, overrides=files.overrides, text_encoder=f"local-dir:{other}")
+    det.set_vocabulary(["red circle"])  # a training name, but the training row is the other tower's
+    expected = encode_text(load_clip(f"local-dir:{other}"), ["red circle"])
+    torch.testing.assert_close(det.model.roi_heads.box_predictor.cls_score.text_embeds, expected)
+
+
+def test_test_vocabulary_from_config(files, tmp_path):
+    ready = tmp_path / "test_vocab.npy"
+    save_text_embeddings(ready, torch.nn.functional.normalize(torch.randn(2, 128), dim=1), names=["x", "y"],
+                         templates=["{}"], model_name="elsewhere", pretrained=None)
+    det = Detector.from_config(CONFIG, files.weights,
+                               overrides=files.overrides + ["MODEL.TEST_ZEROSHOT_WEIGHT_PATH", str(ready)])
+    assert det.vocabulary.names == ("x", "y") and det.model.roi_heads.num_classes == 2
+
+
 def test_random_text_tower_without_seed(files, tmp_path):
     emb = tmp_path / "random.npy"
     save_text_embeddings(emb, np.load(files.overrides[-1]), names=SHAPES_NAMES, templates=["a photo of a {}"],
@@ -252,11 +272,17 @@ def test_masks_draw_and_coco(files, photo, tmp_path):
     assert len(nothing) == 0 and nothing.to_coco() == [] and nothing.draw(photo).shape == photo.shape
 
 
-def test_presets_and_parsing(tmp_path):
+def test_presets_and_parsing(tmp_path, monkeypatch):
     coco = preset_vocabulary("coco")
     assert len(coco) == 80 and len(set(coco.names)) == 80 and coco.category_ids[-1] == 90
+    monkeypatch.setenv("OVD_DATASETS", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"lvis_v1_val\.json"):
+        preset_vocabulary("lvis")
+    (tmp_path / "lvis").mkdir()
+    cats = [{"id": 2, "name": "bat_(animal)", "synonyms": ["bat"]}, {"id": 1, "name": "aerosol_can", "synonyms": []}]
+    (tmp_path / "lvis" / "lvis_v1_val.json").write_text(json.dumps({"categories": cats, "images": [], "annotations": []}))
     lvis = preset_vocabulary("lvis")
-    assert len(lvis) == 1203 and lvis.names[0] == "aerosol can" and lvis.names[-1] == "zucchini"
+    assert lvis.names == ("aerosol can", "bat (animal)") and lvis.category_ids == (1, 2)
     assert preset_vocabulary("shapes").names == tuple(SHAPES_NAMES)
     assert parse_vocabulary("red mug, stapler") == Vocabulary(("red mug", "stapler"), (1, 2))
     names = tmp_path / "names.txt"

@@ -143,7 +143,8 @@ def test_oracle_recall_and_scores(tmp_path):
 
 def test_cli(world, tmp_path, capsys):
     out = tmp_path / "props.json"
-    runpy.run_path(str(TOOL))["main"](["--dataset-json", str(world / "annotations" / "val.json"), "--out", str(out), "--recall", "0.8"])
+    main = runpy.run_path(str(TOOL))["main"]
+    main(["--dataset-json", str(world / "annotations" / "val.json"), "--out", str(out), "--recall", "0.8"])
     assert "recall at IoU 0.5" in capsys.readouterr().out
     loaded, _ = load_proposals(out)
     assert sorted(loaded) == list(range(1, 7))

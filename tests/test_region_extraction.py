@@ -150,7 +150,8 @@ def test_resume_after_a_kill_gives_the_same_store(toy, world, reference, tmp_pat
 def test_shards_merge_into_the_unsharded_store(toy, world, reference, tmp_path):
     main = runpy.run_path(str(TOOL))["main"]
     root, proposals = world
-    common = ["--dataset-json", str(root / "annotations" / "train_all.json"), "--image-root", str(root / "images" / "train"),
+    common = ["--dataset-json", str(root / "annotations" / "train_all.json"),
+              "--image-root", str(root / "images" / "train"),
               "--proposals", str(proposals), "--model", "ovd-toy-vit", "--random-init", "--chunk-size", "3",
               "--batch-size", "7", "--num-workers", "0", "--no-progress"]
     for i in range(2):

@@ -42,7 +42,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     data.add_argument("--dataset-json", help="COCO annotation file (with --image-root)")
     parser.add_argument("--image-root", help="image folder of --dataset-json")
     parser.add_argument("--proposals", required=True, help="class-agnostic proposals, COCO-results JSON")
-    parser.add_argument("--model", default="ViT-B-32", help="open_clip architecture, or local-dir:<folder> (default: %(default)s)")
+    parser.add_argument("--model", default="ViT-B-32",
+                        help="open_clip architecture, or local-dir:<folder> (default: %(default)s)")
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--pretrained", help="open_clip tag (e.g. openai) or checkpoint file")
     weights.add_argument("--random-init", action="store_true", help="randomly initialised model (speed tests only)")

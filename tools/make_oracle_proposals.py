@@ -18,7 +18,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset-json", required=True, help="COCO annotation file with all boxes")
     parser.add_argument("--out", required=True, help="proposals JSON to write")
-    parser.add_argument("--recall", type=float, default=0.9, help="probability of proposing each true box (default: %(default)s)")
+    parser.add_argument("--recall", type=float, default=0.9,
+                        help="probability of proposing each true box (default: %(default)s)")
     parser.add_argument("--jitter", type=float, default=0.1,
                         help="largest centre shift and log-size change, as a fraction of the box (default: %(default)s)")
     parser.add_argument("--num-random", type=int, default=3, help="random boxes per image (default: %(default)s)")

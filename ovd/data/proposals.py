@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -64,9 +64,6 @@ class ProposalStats:
     unknown_image_ids: list[int] = field(default_factory=list)
     num_images: int = 0
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def load_proposals(
     path: str | os.PathLike,
@@ -97,7 +94,9 @@ def load_proposals(
     path = Path(path)
     entries = read_json(path, what="proposals file")
     if not isinstance(entries, list):
-        raise ValueError(f"proposals file {path} must hold a JSON list of {{image_id, bbox, score}}, got {type(entries).__name__}")
+        raise ValueError(
+            f"proposals file {path} must hold a JSON list of {{image_id, bbox, score}}, got {type(entries).__name__}"
+        )
     image_ids, xywh, scores = _parse_entries(entries, path)
     stats = ProposalStats(num_read=len(entries))
 
@@ -109,7 +108,7 @@ def load_proposals(
             if unknown == "error":
                 raise ValueError(
                     f"proposals file {path} has proposals for {len(missing)} image ids not in the dataset "
-                    f"(first: {shown}); is it the proposals file of another dataset? (skip them with unknown='skip')"
+                    f"(first: {shown}); is it the proposals file of another dataset? (skip them with unknown='skip', --skip-unknown-images)"
                 )
             stats.num_unknown, stats.unknown_image_ids = int((~known).sum()), shown
             image_ids, xywh, scores = image_ids[known], xywh[known], scores[known]

@@ -64,7 +64,9 @@ class ExtractionSummary:
     regions_per_second: float
 
     def format(self) -> str:
-        return "\n".join(f"  {k:25s} {v:.1f}" if isinstance(v, float) else f"  {k:25s} {v}" for k, v in asdict(self).items())
+        return "\n".join(
+            f"  {k:25s} {v:.1f}" if isinstance(v, float) else f"  {k:25s} {v}" for k, v in asdict(self).items()
+        )
 
 
 class RegionCropDataset(Dataset):

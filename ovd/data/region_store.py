@@ -171,7 +171,8 @@ class RegionStoreWriter:
         self.complete = False
         if meta_path.is_file():
             meta = read_json(meta_path, what="region store metadata")
-            if meta.get("complete") is True and meta.get("format_version") == FORMAT_VERSION and _job_of(meta) == self.job:
+            finished = meta.get("complete") is True and meta.get("format_version") == FORMAT_VERSION
+            if finished and _job_of(meta) == self.job:
                 self.complete = True
                 # A kill between meta.json and the clean-up leaves the chunks behind.
                 shutil.rmtree(self._chunk_dir, ignore_errors=True)
@@ -372,13 +373,17 @@ def _read_meta(path: Path) -> dict[str, Any]:
     meta_path = path / META_FILE
     if not meta_path.is_file():
         if (path / CHUNK_DIR).is_dir():
-            raise ValueError(f"region store {path} is incomplete (an extraction was interrupted); run it again to resume")
+            raise ValueError(
+                f"region store {path} is incomplete (an extraction was interrupted); run it again to resume"
+            )
         if not path.is_dir():
             raise FileNotFoundError(f"region store not found: {path}")
         raise FileNotFoundError(f"{path} is not a region store: it has no {META_FILE}")
     meta = read_json(meta_path, what="region store metadata")
     if not isinstance(meta, dict) or meta.get("complete") is not True:
-        raise ValueError(f"region store {path} is incomplete: {meta_path} is not marked complete; run the extractor again")
+        raise ValueError(
+            f"region store {path} is incomplete: {meta_path} is not marked complete; run the extractor again"
+        )
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"region store {path} has format_version {meta.get('format_version')!r}; "
                          f"this code reads version {FORMAT_VERSION}")
@@ -432,7 +437,7 @@ def _remove_store(path: Path) -> None:
 
 
 def _remove_temporaries(path: Path) -> None:
-    """Delete what a killed process left of its atomic writes (``ovd.utils.io.atomic_path`` names them ``.<name>.*.tmp``)."""
+    """Delete what a killed process left of its atomic writes (``atomic_path`` names them ``.<name>.*.tmp``)."""
     for folder in (path, path / CHUNK_DIR):
         for tmp in folder.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)

@@ -64,12 +64,13 @@ class Detections:
                           self.image_size, None if self.masks is None else self.masks[keep])
 
     def to_coco(self, image_id: int = 0) -> list[dict[str, Any]]:
-        """COCO results dicts (``image_id``, ``category_id``, ``bbox`` xywh, ``score``, RLE ``segmentation`` with masks),
-        plus ``category_name`` for readers without the category list; pycocotools' ``loadRes`` accepts them."""
+        """COCO results dicts (``image_id``, ``category_id``, ``bbox`` xywh, ``score``, RLE ``segmentation`` with
+        masks), plus ``category_name`` for readers without the category list; pycocotools' ``loadRes`` takes them."""
         boxes = self.boxes.astype(np.float64)
         xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).round(2)
         out = [
-            {"image_id": int(image_id), "category_id": int(c), "category_name": n, "bbox": b, "score": round(float(s), 5)}
+            {"image_id": int(image_id), "category_id": int(c), "category_name": n, "bbox": b,
+             "score": round(float(s), 5)}
             for c, n, b, s in zip(self.category_ids.tolist(), self.class_names, xywh.tolist(), self.scores)
         ]
         if self.masks is not None and len(self):
@@ -200,8 +201,7 @@ class Detector:
             vocab = vocabulary
         else:
             vocab = Vocabulary.of(list(vocabulary))
-        resolved = None if templates is None else resolve_templates(templates, ())
-        self._apply(vocab, self.text_encoder.encode(vocab.names, resolved))
+        self._apply(vocab, self.text_encoder.encode(vocab.names, resolve_templates(templates)))
 
     def _apply(self, vocab: Vocabulary, embeds: torch.Tensor) -> None:
         self.model.set_vocabulary(embeds.to(self.device))
@@ -213,9 +213,11 @@ class Detector:
         return self
 
     def to_sample(self, image: ImageInput, *, input_format: str = "RGB") -> ImageSample:
-        """The model input for ``image``: resized as the test-time `DatasetMapper` does, in the model's channel order."""
+        """The model input for ``image``: resized as the test-time `DatasetMapper` does, in the model's channel
+        order."""
         rgb = as_rgb_array(image, input_format)
-        chw = resize_for_model(rgb, min_size=self.min_size, max_size=self.max_size, model_format=self.model.input_format)
+        chw = resize_for_model(rgb, min_size=self.min_size, max_size=self.max_size,
+                               model_format=self.model.input_format)
         return ImageSample(image=torch.from_numpy(chw), image_id=0, orig_size=rgb.shape[:2])
 
     @torch.no_grad()
@@ -274,7 +276,8 @@ def _training_vocabulary(text_embeds: torch.Tensor, path: str) -> TextEmbeddings
     meta = read_json(sidecar, what="text embeddings sidecar") if sidecar is not None and sidecar.is_file() else {}
     names = meta.get("names")
     if names is not None and len(names) != len(embeds):
-        logger.warning("%s lists %d names but the checkpoint has %d classes; names not used", sidecar, len(names), len(embeds))
+        logger.warning("%s lists %d names but the checkpoint has %d classes; names not used",
+                       sidecar, len(names), len(embeds))
         names = None
     return TextEmbeddings(embeds=embeds, names=names, meta=meta)
 

@@ -33,7 +33,8 @@ def as_rgb_array(image: ImageInput, input_format: str = "RGB") -> np.ndarray:
     if not isinstance(image, np.ndarray):
         raise TypeError(f"an image is a file path, a PIL image or a uint8 numpy array, got {type(image).__name__}")
     if image.dtype != np.uint8:
-        raise ValueError(f"image arrays must be uint8 (0-255), got {image.dtype}; convert with (x * 255).astype(np.uint8)")
+        raise ValueError(f"image arrays must be uint8 (0-255), got {image.dtype}; "
+                         "convert with (x * 255).astype(np.uint8)")
     if image.ndim == 2:
         return np.ascontiguousarray(np.repeat(image[:, :, None], 3, axis=2))
     if image.ndim != 3 or image.shape[2] not in (3, 4) or min(image.shape[:2]) == 0:
@@ -43,7 +44,8 @@ def as_rgb_array(image: ImageInput, input_format: str = "RGB") -> np.ndarray:
 
 
 def class_color(class_id: int) -> tuple[int, int, int]:
-    """A saturated RGB colour per class, stable across images and runs (golden-ratio hue steps keep neighbours apart)."""
+    """A saturated RGB colour per class, the same in every image and run (golden-ratio hue steps keep neighbouring
+    ids apart)."""
     r, g, b = colorsys.hsv_to_rgb((class_id * 0.618033988749895) % 1.0, 0.75, 0.95)
     return int(r * 255), int(g * 255), int(b * 255)
 

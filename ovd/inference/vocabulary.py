@@ -29,7 +29,8 @@ from ovd.clip.text import (
     save_text_embeddings,
 )
 from ovd.data.shapes import SHAPES_CATEGORIES
-from ovd.inference.lvis_v1_names import LVIS_V1_NAMES
+from ovd.utils.io import read_json
+from ovd.utils.paths import datasets_root
 
 __all__ = [
     "PRESETS",
@@ -98,14 +99,24 @@ def check_names(names: Sequence[str]) -> None:
         raise ValueError(f"duplicate class names: {duplicates}")
 
 
+def lvis_annotation_file() -> Path:
+    """Where the ``lvis`` preset reads the LVIS v1 categories: ``$OVD_DATASETS/lvis/lvis_v1_val.json``."""
+    return datasets_root() / "lvis" / "lvis_v1_val.json"
+
+
 def preset_vocabulary(name: str) -> Vocabulary:
-    """``coco`` (80 names, COCO ids), ``lvis`` (the 1203 LVIS v1 names, ``_`` read as a space, ids 1..1203) or
-    ``shapes`` (the 16 shapes-world categories, their ids)."""
+    """``coco`` (80 names, COCO ids), ``lvis`` (the 1203 LVIS v1 categories, read from the official annotation file
+    — see `lvis_annotation_file`; ``_`` read as a space) or ``shapes`` (the 16 shapes-world categories, their ids)."""
     if name == "coco":
         return Vocabulary(tuple(n for _, n in _COCO), tuple(i for i, _ in _COCO))
     if name == "lvis":
+        path = lvis_annotation_file()
+        if not path.is_file():
+            raise FileNotFoundError(f"the lvis vocabulary is read from the LVIS v1 annotation file, not found: {path} "
+                                    "(see datasets/README.md; or pass the names yourself)")
+        categories = sorted(read_json(path, what="LVIS annotation file")["categories"], key=lambda c: c["id"])
         # Prompts read "a photo of a bat (animal)", as Detic's embeddings of the LVIS names do.
-        return Vocabulary.of([n.replace("_", " ") for n in LVIS_V1_NAMES])
+        return Vocabulary(tuple(c["name"].replace("_", " ") for c in categories), tuple(c["id"] for c in categories))
     if name == "shapes":
         return Vocabulary(tuple(c["name"] for c in SHAPES_CATEGORIES), tuple(c["id"] for c in SHAPES_CATEGORIES))
     raise ValueError(f"unknown vocabulary preset {name!r}; presets: {', '.join(PRESETS)}")
@@ -123,10 +134,11 @@ def parse_vocabulary(spec: str) -> Vocabulary | Path:
     return Vocabulary.of([n.strip() for n in spec.split(",")])
 
 
-def resolve_templates(templates: Sequence[str] | str | os.PathLike | None, default: Sequence[str]) -> tuple[str, ...]:
-    """Prompt templates: a sequence of strings with one ``{}`` each, a template file (one per line), or ``default``."""
+def resolve_templates(templates: Sequence[str] | str | os.PathLike | None) -> tuple[str, ...] | None:
+    """Prompt templates given as a sequence of strings with one ``{}`` each or as a template file (one per line);
+    None stays None (the encoder's default)."""
     if templates is None:
-        return tuple(default)
+        return None
     if isinstance(templates, (str, os.PathLike)):
         return load_templates(templates)
     return tuple(templates)
@@ -140,10 +152,11 @@ def cache_dir() -> Path:
 class TextEncoder:
     """Class names → text embeddings (Tensor[C, D], rows L2-normalised) with one CLIP text tower, cached on disk.
 
-    ``known`` is a vocabulary already embedded by this tower (a detector's training vocabulary): names it contains,
-    with its templates, are taken from it without the tower, which also serves towers that cannot be rebuilt.
-    ``model_name`` None means no tower is known; encoding a new name then raises ``unavailable`` as the reason.
-    The tower is loaded on the first cache miss.
+    ``model_name``/``pretrained``/``seed`` name the tower as `ovd.clip.load_clip` takes it; None for ``model_name``
+    means no tower is known, and encoding a new name then raises ``unavailable`` as the reason. ``known`` is a
+    vocabulary this same tower embedded (a detector's training vocabulary): its names, prompted with ``templates``,
+    are taken from it without the tower, which also serves towers that cannot be rebuilt. ``templates`` is the
+    default prompt set: the known vocabulary's, else ``"a photo of a {}"``. The tower is loaded on the first cache miss.
     """
 
     def __init__(
@@ -154,12 +167,14 @@ class TextEncoder:
         seed: int | None = None,
         device: str | torch.device = "cpu",
         known: TextEmbeddings | None = None,
+        templates: Sequence[str] | None = None,
         unavailable: str = "",
     ) -> None:
         self.model_name, self.pretrained, self.seed, self.device = model_name, pretrained, seed, device
         self.known = known
         self.unavailable = unavailable
-        self.default_templates = tuple((known.meta.get("templates") if known else None) or DEFAULT_TEMPLATES)
+        known_templates = known.meta.get("templates") if known is not None else None
+        self.default_templates = tuple(templates or known_templates or DEFAULT_TEMPLATES)
         self._bundle: ClipBundle | None = None
         self._known_rows = {n: i for i, n in enumerate(known.names)} if known is not None and known.names else {}
 
@@ -169,11 +184,14 @@ class TextEncoder:
         device: str | torch.device = "cpu",
     ) -> TextEncoder:
         """The encoder that made ``known`` (read from its sidecar: ``model``, ``pretrained``, ``seed``), unless
-        ``model_name`` is given. ``source`` names the embeddings file in error messages."""
+        ``model_name`` is given; ``known``'s rows are reused only by the tower that made them. ``source`` names the
+        embeddings file in error messages."""
+        templates = known.meta.get("templates")
         if model_name is not None:
-            return cls(model_name, pretrained, device=device, known=known)
-        hint = ("pass text_encoder= (an open_clip name or local-dir:<folder>) and text_encoder_weights=, or set a ready "
-                "embeddings file (.npy)")
+            same = (model_name, pretrained) == (known.meta.get("model"), known.meta.get("pretrained"))
+            return cls(model_name, pretrained, device=device, known=known if same else None, templates=templates)
+        hint = ("pass text_encoder= (an open_clip name or local-dir:<folder>) and text_encoder_weights=, or set a "
+                "ready embeddings file (.npy)")
         meta_model = known.meta.get("model")
         if not meta_model:
             return cls(None, known=known, unavailable=f"{source} has no sidecar naming its CLIP text model; {hint}")
@@ -207,7 +225,7 @@ class TextEncoder:
         (default: the known vocabulary's templates, else ``"a photo of a {}"``)."""
         check_names(names)
         templates = self.default_templates if templates is None else tuple(templates)
-        if self._known_rows and tuple(templates) == self.default_templates and all(n in self._known_rows for n in names):
+        if self._known_rows and templates == self.default_templates and all(n in self._known_rows for n in names):
             rows = torch.tensor([self._known_rows[n] for n in names])
             return torch.from_numpy(self.known.embeds)[rows]
         if self.model_name is None:
@@ -231,8 +249,8 @@ class TextEncoder:
             try:
                 self._bundle = load_clip(self.model_name, self.pretrained, device=self.device, seed=self.seed)
             except (ValueError, FileNotFoundError) as e:
-                raise type(e)(f"cannot load the CLIP text model {self.model_name!r} (weights {self.pretrained!r}): {e}; "
-                              "pass text_encoder= and text_encoder_weights= to use another") from None
+                raise type(e)(f"cannot load the CLIP text model {self.model_name!r} (weights {self.pretrained!r}): "
+                              f"{e}; pass text_encoder= and text_encoder_weights= to use another") from None
         return self._bundle
 
 

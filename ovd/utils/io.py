@@ -48,3 +48,17 @@ def read_json(path: str | os.PathLike, *, what: str = "JSON file") -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def replace_markdown_section(path: str | os.PathLike, title: str, body: str) -> None:
+    """Rewrite the ``## title`` section of a Markdown file (appending it if absent), keeping the others."""
+    path = Path(path)
+    text = path.read_text() if path.is_file() else "# Results\n"
+    start = text.find(f"\n## {title}\n")
+    section = f"\n## {title}\n\n{body.strip()}\n"
+    if start < 0:
+        text = text.rstrip("\n") + "\n" + section
+    else:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + (text[end:] if end >= 0 else "")
+    write_text(path, text)
