@@ -37,6 +37,7 @@ TINY_OVERRIDES = [
     "SOLVER.WARMUP_ITERS", "5",
     "DATALOADER.NUM_WORKERS", "0",
     "LOG_PERIOD", "1",
+    "TEST.RKD_FEAT_PATH", "",
 ]
 
 

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     val_images = sorted((root / "images" / "val").glob("*.png"))[:6]
     run(PY + ["tools/demo.py", "--config-file", f"configs/shapes/{last}.yaml", "--weights",
               str(out / last / "model_final.pth"), "--input", *map(str, val_images), "--vocabulary", "shapes",
-              "--confidence-threshold", "0.5", "--output", str(out / "demo_images")])
+              "--confidence-threshold", "0.5", "--output", str(out / "demo_images"), *args.opts])
     print()
     for stage, r in results.items():
         print(format_results_table(r, title=f"{stage} on shapes_val (AP in %)"), "\n")

@@ -11,9 +11,8 @@ from torchvision.ops import box_iou
 
 from ovd.clip.text import TextEmbeddings, load_text_embeddings
 from ovd.config import Config
-from ovd.data.build import build_test_loader, load_dataset
+from ovd.data.build import build_test_loader, load_dataset, open_region_store
 from ovd.data.datasets import DetectionDataset
-from ovd.data.region_store import RegionStore
 from ovd.evaluation import COCOEvaluator, distillation_fidelity, format_results_table
 from ovd.modeling.detector import OVDetector
 from ovd.utils.comm import get_rank, get_world_size
@@ -68,7 +67,7 @@ def evaluate_dataset(cfg: Config, model: OVDetector, dataset: DetectionDataset, 
 def evaluate_distillation(cfg: Config, model: OVDetector, dataset: DetectionDataset) -> dict[str, float]:
     """Distillation fidelity on the regions of TEST.RKD_FEAT_PATH: student vs teacher cosine and zero-shot agreement
     over the dataset's vocabulary, for regions covering (IoU ≥ 0.5) a base or a novel object."""
-    store = RegionStore.open(cfg.TEST.RKD_FEAT_PATH, expected_dim=cfg.MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_DIM)
+    store = open_region_store(cfg.TEST.RKD_FEAT_PATH, cfg, key="TEST.RKD_FEAT_PATH")
     rank, world = get_rank(), get_world_size()
     loader = build_test_loader(cfg, dataset, rank=rank, world_size=world, region_store=store)
     records = {r.image_id: r for r in dataset.records}

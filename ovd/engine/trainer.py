@@ -136,6 +136,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       find_unused_parameters=len(datasets) > 1)
     stores = region_stores(cfg, datasets, teacher=vocab.meta.get("model")) if cfg.MODEL.DISTILLATION else None
+    if cfg.TEST.RKD_FEAT_PATH:  # fail now, not after training, if the fidelity evaluation cannot run
+        open_region_store(cfg.TEST.RKD_FEAT_PATH, cfg, key="TEST.RKD_FEAT_PATH", expected_model=vocab.meta.get("model"))
     loader = build_train_loader(cfg, datasets, rank=rank, world_size=world, start_iter=start_iter, region_stores=stores)
     writer = MetricsWriter(out_dir, max_iter=max_iter, start_iter=start_iter) if is_main_process() else None
     weights = loss_weights(cfg)
