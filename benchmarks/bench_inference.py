@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-import statistics
-import time
 
 import numpy as np
 import torch
@@ -25,19 +23,10 @@ from skimage import data as skdata
 from ovd.config import load_config
 from ovd.modeling.build import build_model
 from ovd.structures import ImageSample
+from ovd.utils.timing import median_ms
 
 REPO = Path(__file__).resolve().parents[1]
 R50_FPN = "configs/bench/r50_fpn.yaml"
-
-
-def timed(fn, runs: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
@@ -61,8 +50,8 @@ def main() -> None:
         t_ours, t_tv = [], []
         with torch.inference_mode():
             for _ in range(2):  # alternate so drift in machine load hits both
-                t_ours.append(timed(lambda: ours.predict(ours_input), args.runs))
-                t_tv.append(timed(lambda: tv(tv_input), args.runs))
+                t_ours.append(median_ms(lambda: ours.predict(ours_input), args.runs))
+                t_tv.append(median_ms(lambda: tv(tv_input), args.runs))
         a, b = min(t_ours), min(t_tv)
         rows.append((num_classes, a, b, a / b))
     print(f"CPU, {args.threads} thread(s), 800x1200 input, batch 1, median of {args.runs} runs (best of 2 rounds)")

@@ -35,20 +35,11 @@ from ovd.inference import Detector, TextEncoder, Vocabulary, preset_vocabulary
 from ovd.inference.export import ExportableDetector
 from ovd.modeling.build import build_model
 from ovd.modeling.classifier import WeightTransferClassifier, ZeroShotClassifier
+from ovd.utils.timing import median_ms
 
 REPO = Path(__file__).resolve().parents[1]
 R50_FPN = "configs/bench/r50_fpn.yaml"
 SIZES = (80, 1203, 21000)
-
-
-def median_ms(fn: Callable[[], object], runs: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
 
 
 def detector_with(model_state: dict, num_classes: int, *, fused: bool) -> Detector:

@@ -84,7 +84,7 @@ def test_encode_text_does_not_depend_on_batch_size(toy):
 @pytest.mark.parametrize(
     "names, templates, match",
     [
-        ([], DEFAULT_TEMPLATES, "at least one class name"),
+        ([], DEFAULT_TEMPLATES, "the vocabulary is empty"),
         (["red circle", "blue star", "red circle"], DEFAULT_TEMPLATES, r"duplicate.*'red circle'"),
         (["red circle", "  "], DEFAULT_TEMPLATES, "blank"),
         (["red circle", "one two three four five six seven eight nine ten eleven"], DEFAULT_TEMPLATES,

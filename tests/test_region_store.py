@@ -166,6 +166,12 @@ def test_merge_shards(tmp_path):
 
     with pytest.raises(FileExistsError):
         merge_stores([shard0.path, shard1.path], tmp_path / "merged")
+    # More shards than chunks: the extra shard is empty.
+    empty0, empty1 = (write_store(tmp_path / f"e{i}", chunks=[], chunk_ids=[], job={**JOB, "shard": [i, 2]})
+                      for i in range(2))
+    assert len(empty1) == 0 and empty1.get(1)[0].shape == (0, 4)
+    assert merge_stores([shard0.path, empty1.path], tmp_path / "m0").image_ids.tolist() == [1, 2, 5]
+    assert len(merge_stores([empty0.path, empty1.path], tmp_path / "m1")) == 0
     with pytest.raises(ValueError, match="shards 0..1 .* exactly once"):
         merge_stores([shard0.path], tmp_path / "m2")
     with pytest.raises(ValueError, match="is not a shard"):

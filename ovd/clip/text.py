@@ -61,6 +61,20 @@ def load_templates(path: str | os.PathLike) -> tuple[str, ...]:
     return templates
 
 
+def check_names(names: Sequence[str]) -> None:
+    """Raise for a vocabulary that is a bare string, empty, or has a blank or repeated name."""
+    if isinstance(names, str):
+        raise TypeError(f"a vocabulary is a list of class names, got the string {names!r}")
+    if len(names) == 0:
+        raise ValueError("the vocabulary is empty: give at least one class name")
+    blank = [i for i, n in enumerate(names) if not n.strip()]
+    if blank:
+        raise ValueError(f"blank class names at positions {blank}")
+    duplicates = [n for n, k in collections.Counter(names).items() if k > 1]
+    if duplicates:
+        raise ValueError(f"duplicate class names: {duplicates}")
+
+
 @torch.no_grad()
 def encode_text(
     bundle: ClipBundle,
@@ -87,16 +101,9 @@ def encode_text(
         ValueError: no names, blank or duplicate names, a template without ``{}``, or a prompt longer than the
             tokenizer's context length (it would be silently truncated).
     """
+    check_names(names)
     names = list(names)
     templates = tuple(templates)
-    if not names:
-        raise ValueError("encode_text needs at least one class name")
-    blank = [i for i, n in enumerate(names) if not n.strip()]
-    if blank:
-        raise ValueError(f"blank class names at positions {blank}")
-    duplicates = [n for n, k in collections.Counter(names).items() if k > 1]
-    if duplicates:
-        raise ValueError(f"duplicate class names: {duplicates}")
     if not templates:
         raise ValueError("encode_text needs at least one template")
     if batch_size < 1:

@@ -319,7 +319,7 @@ def merge_stores(
     def blocks() -> Iterator[_Block]:
         # Runs of images that are consecutive in one shard are copied as one slice.
         breaks = np.flatnonzero((rows[1:, 3] != rows[:-1, 3]) | (rows[1:, 1] != rows[:-1, 1] + rows[:-1, 2])) + 1
-        for run in np.split(rows, breaks):
+        for run in np.split(rows, breaks) if len(rows) else []:
             embeds, boxes, _ = stores[int(run[0, 3])]._load()
             start, stop = int(run[0, 1]), int(run[-1, 1] + run[-1, 2])
             yield run[:, 0], run[:, 2], boxes[start:stop], embeds[start:stop]

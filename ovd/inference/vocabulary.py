@@ -7,7 +7,6 @@ vocabulary again, in this process or the next, costs a file read instead of a te
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import logging
@@ -22,6 +21,7 @@ from ovd.clip.models import LOCAL_DIR_PREFIX, ClipBundle, load_clip
 from ovd.clip.text import (
     DEFAULT_TEMPLATES,
     TextEmbeddings,
+    check_names,
     encode_text,
     load_templates,
     load_text_embeddings,
@@ -83,20 +83,6 @@ class Vocabulary:
 
     def __len__(self) -> int:
         return len(self.names)
-
-
-def check_names(names: Sequence[str]) -> None:
-    """Raise ValueError for an empty vocabulary, a blank name or a name given twice."""
-    if isinstance(names, str):
-        raise TypeError(f"a vocabulary is a list of class names, got the string {names!r}")
-    if len(names) == 0:
-        raise ValueError("the vocabulary is empty: give at least one class name")
-    blank = [i for i, n in enumerate(names) if not n.strip()]
-    if blank:
-        raise ValueError(f"blank class names at positions {blank}")
-    duplicates = [n for n, k in collections.Counter(names).items() if k > 1]
-    if duplicates:
-        raise ValueError(f"duplicate class names: {duplicates}")
 
 
 def lvis_annotation_file() -> Path:
