@@ -108,7 +108,8 @@ def load_proposals(
             if unknown == "error":
                 raise ValueError(
                     f"proposals file {path} has proposals for {len(missing)} image ids not in the dataset "
-                    f"(first: {shown}); is it the proposals file of another dataset? (skip them with unknown='skip', --skip-unknown-images)"
+                    f"(first: {shown}); is it the proposals file of another dataset? "
+                    "(skip them with unknown='skip', --skip-unknown-images)"
                 )
             stats.num_unknown, stats.unknown_image_ids = int((~known).sum()), shown
             image_ids, xywh, scores = image_ids[known], xywh[known], scores[known]
