@@ -8,7 +8,7 @@
 2. The post-processing step alone on the 21k-class scores: `ROIHeads.postprocess` (threshold, then top-k) against
    `ExportableDetector.postprocess` (top-k of all scores, then threshold; the same detections); and the classifier
    alone (zero-shot and weight transfer), unfused and fused.
-3. `Detector.set_vocabulary` with the 1203 LVIS names: cold (loads a randomly initialised ViT-B-32 text tower,
+3. `Detector.set_vocabulary` with 1203 names (LVIS's where its annotation file is at hand): cold (loads a randomly initialised ViT-B-32 text tower,
    encodes, writes the cache) and cached (a fresh encoder reading the disk cache), in a temporary $OVD_CACHE.
 
     python benchmarks/bench_vocabulary.py [--runs 5] [--threads N]
@@ -163,7 +163,7 @@ def main() -> None:
     print("the classifier alone, 1000 box features: unfused ms / fused ms")
     for name, c, u, f in classifier_rows:
         print(f"  {name:<25} {c:>6} classes {u:>7.1f} {f:>7.1f}")
-    print(f"set_vocabulary, 1203 LVIS names, random-init ViT-B-32 text tower: cold {cold:.0f} ms, "
+    print(f"set_vocabulary, 1203 names, random-init ViT-B-32 text tower: cold {cold:.0f} ms, "
           f"cached {cached:.1f} ms")
 
 
