@@ -118,7 +118,7 @@ def test_region_store_of_another_teacher_is_refused(rkd_world, tmp_path):
     other = tmp_path / "other.npy"
     emb = np.eye(16, 128, dtype=np.float32)
     save_text_embeddings(other, emb, names=[c["name"] for c in SHAPES_CATEGORIES], templates=["{}"],
-                         model_name="ViT-B-32", pretrained="openai")
+                         model_name="ViT-B-32", pretrained=None)
     cfg = load_config("configs/shapes/base.yaml", overrides + ["OUTPUT_DIR", str(tmp_path / "out"),
                                                               "MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH", str(other)])
     with pytest.raises(ValueError, match=r"MODEL\.RKD_FEAT_PATH: region store .* model 'ViT-B-32' is expected"):
