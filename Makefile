@@ -23,6 +23,8 @@ test-fast: venv
 
 bench: venv
 	$(PY) benchmarks/bench_inference.py
+	$(PY) benchmarks/bench_vocabulary.py
+	$(PY) benchmarks/bench_region_embeddings.py
 
 clean:
 	rm -rf output
