@@ -92,3 +92,18 @@ def rkd_world(tiny_world, tmp_path_factory):
     cfg_overrides = overrides + ["MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_DIM", "128", "MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH",
                                  str(text), "MODEL.DISTILLATION", "true", "MODEL.RKD_FEAT_PATH", str(work / "store")]
     return work, cfg_overrides
+
+
+@pytest.fixture(scope="session")
+def true_pseudo_boxes(tiny_world, tmp_path_factory):
+    """A pseudo-box file for the tiny world's image-labelled split whose boxes are the true ones (for training tests;
+    the miner has its own)."""
+    import json
+
+    root, _ = tiny_world
+    ann = root / "shapes" / "annotations"
+    labels = json.loads((ann / "train_image_labels.json").read_text())
+    boxes = json.loads((ann / "train_all.json").read_text())["annotations"]
+    path = tmp_path_factory.mktemp("pseudo") / "pseudo.json"
+    path.write_text(json.dumps({**labels, "annotations": [{**a, "score": 1.0} for a in boxes]}))
+    return path

@@ -76,7 +76,7 @@ def test_multi_source_rejects_mismatched_lists():
 
 
 @pytest.mark.slow
-def test_short_pis_wt_run_lowers_the_pis_loss(rkd_world, tiny_world, tmp_path):
+def test_short_pis_wt_run_lowers_the_pis_loss(rkd_world, true_pseudo_boxes, tmp_path):
     """Box- and image-labelled batches 1:4 with RKD and weight transfer: the PIS loss falls (true boxes stand in for
     mined pseudo boxes here; the miner has its own tests)."""
     import json
@@ -84,15 +84,9 @@ def test_short_pis_wt_run_lowers_the_pis_loss(rkd_world, tiny_world, tmp_path):
     from ovd.config import load_config
     from ovd.engine.trainer import train
 
-    root, _ = tiny_world
-    work, overrides = rkd_world
-    ann = root / "shapes" / "annotations"
-    labels = json.loads((ann / "train_image_labels.json").read_text())
-    boxes = json.loads((ann / "train_all.json").read_text())["annotations"]
-    pseudo = tmp_path / "pseudo.json"
-    pseudo.write_text(json.dumps({**labels, "annotations": [{**a, "score": 1.0} for a in boxes]}))
+    _, overrides = rkd_world
     cfg = load_config("configs/shapes/rkd_pis_wt.yaml", overrides + [
-        "OUTPUT_DIR", str(tmp_path / "out"), "MODEL.WEIGHTS", "", "MODEL.PIS_PROP_PATH", str(pseudo),
+        "OUTPUT_DIR", str(tmp_path / "out"), "MODEL.WEIGHTS", "", "MODEL.PIS_PROP_PATH", str(true_pseudo_boxes),
         "DATALOADER.DATASET_BS", "[2, 2]", "SOLVER.MAX_ITER", "40", "SOLVER.BASE_LR", "0.001", "SOLVER.WARMUP_ITERS", "5",
         "SOLVER.CHECKPOINT_PERIOD", "0", "DATASETS.TEST", "[]", "TEST.RKD_FEAT_PATH", ""])
     train(cfg)

@@ -102,18 +102,12 @@ def test_embeddings_that_do_not_match_the_classes_are_refused(tiny_world, tmp_pa
 
 
 @pytest.mark.slow
-def test_two_process_ddp_with_box_and_image_labelled_batches(tiny_world, tmp_path):
+def test_two_process_ddp_with_box_and_image_labelled_batches(tiny_world, true_pseudo_boxes, tmp_path):
     """Both DDP workers draw the same source each iteration, so PIS batches (no RPN gradients) and box batches
     alternate in step; the weights stay identical across ranks."""
-    root, _ = tiny_world
-    ann = root / "shapes" / "annotations"
-    labels = json.loads((ann / "train_image_labels.json").read_text())
-    boxes = json.loads((ann / "train_all.json").read_text())["annotations"]
-    pseudo = tmp_path / "pseudo.json"
-    pseudo.write_text(json.dumps({**labels, "annotations": [{**a, "score": 1.0} for a in boxes]}))
     cfg = cfg_for(tiny_world, tmp_path, "SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "0", "DATASETS.TEST", "[]",
                   "DATASETS.TRAIN", "[shapes_train_base, shapes_train_image_labels]", "DATALOADER.DATASET_ANN", "[box, image]",
-                  "DATALOADER.DATASET_RATIO", "[1, 1]", "DATALOADER.DATASET_BS", "[1, 2]", "MODEL.PIS_PROP_PATH", str(pseudo))
+                  "DATALOADER.DATASET_RATIO", "[1, 1]", "DATALOADER.DATASET_BS", "[1, 2]", "MODEL.PIS_PROP_PATH", str(true_pseudo_boxes))
     launch(_ddp_worker, 2, use_cuda=False, args=(cfg,))
     rows = metrics(tmp_path)
     assert any("loss_pms" in r for r in rows) and any("loss_rpn_cls" in r for r in rows)
