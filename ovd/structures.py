@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -71,6 +72,31 @@ class Instances:
         return f"Instances(num={len(self)}, image_size={self.image_size}, fields={list(self._fields)})"
 
 
+class PolygonMasks:
+    """Instance masks as polygons (COCO/LVIS ``segmentation``): per instance a list of float64 arrays
+    ``[x0, y0, x1, y1, ...]`` in image pixels. Kept as polygons until the mask loss rasterises each one inside its
+    proposal box (detectron2's approach), so an image with hundreds of objects never holds full-size bitmaps."""
+
+    def __init__(self, polygons: list[list[np.ndarray]]) -> None:
+        self.polygons = polygons
+
+    def __len__(self) -> int:
+        return len(self.polygons)
+
+    def __getitem__(self, item: int | slice | Tensor | list[int]) -> "PolygonMasks":
+        if isinstance(item, int):
+            return PolygonMasks([self.polygons[item]])
+        if isinstance(item, slice):
+            return PolygonMasks(self.polygons[item])
+        index = torch.as_tensor(item)
+        if index.dtype == torch.bool:
+            index = index.nonzero()[:, 0]
+        return PolygonMasks([self.polygons[i] for i in index.tolist()])
+
+    def __repr__(self) -> str:
+        return f"PolygonMasks(num={len(self)})"
+
+
 @dataclass
 class ImageSample:
     """One image as the model takes it.
@@ -78,7 +104,8 @@ class ImageSample:
     image: uint8 Tensor[3, H, W] in the channel order of INPUT.FORMAT, already resized (and flipped in training).
     orig_size: (height, width) of the image on disk; predictions are mapped back to it.
     gt: ground truth in resized-image pixels, fields ``gt_boxes`` (Tensor[N, 4] xyxy) and ``gt_classes``
-        (Tensor[N] contiguous class indices into the training vocabulary); None at test time.
+        (Tensor[N] contiguous class indices into the training vocabulary), and ``gt_masks`` (`PolygonMasks`) when
+        the model has a mask head; None at test time.
     regions: distillation regions in resized-image pixels, fields ``boxes`` (Tensor[K, 4] xyxy) and ``embeds``
         (Tensor[K, D], the teacher's CLIP image embeddings); None without RKD.
     image_labels: for image-labelled data, the pseudo box of each kept label in resized-image pixels, fields

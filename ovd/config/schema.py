@@ -155,6 +155,10 @@ class DataLoaderConfig:
     DATASET_BS: List[int] = _list()  # images per batch and worker, per source; empty: SOLVER.IMS_PER_BATCH / workers
     DATASET_MIN_SIZES: List[List[int]] = _list()  # per-source INPUT.MIN_SIZE_TRAIN
     DATASET_MAX_SIZES: List[int] = _list()  # per-source INPUT.MAX_SIZE_TRAIN
+    # "TrainingSampler" (seeded permutations) or "RepeatFactorTrainingSampler" (LVIS: images of rare categories
+    # repeat, r = max(1, sqrt(REPEAT_THRESHOLD / fraction of images with the category)); box-labelled sources only)
+    SAMPLER_TRAIN: str = "TrainingSampler"
+    REPEAT_THRESHOLD: float = 0.001
 
 
 @dataclass

@@ -11,7 +11,7 @@ from ovd.data.catalog import get_dataset
 from ovd.data.datasets import DetectionDataset, load_coco_json, load_image_labels
 from ovd.data.mapper import DatasetMapper
 from ovd.data.region_store import RegionStore
-from ovd.data.samplers import InferenceBatchSampler, MultiSourceBatchSampler
+from ovd.data.samplers import InferenceBatchSampler, MultiSourceBatchSampler, repeat_factors
 from ovd.structures import ImageSample
 
 ANN_TYPES = ("box", "image")
@@ -50,8 +50,8 @@ def _as_list(batch: list[ImageSample]) -> list[ImageSample]:
     return batch
 
 
-def load_dataset(name: str) -> DetectionDataset:
-    return load_coco_json(get_dataset(name))
+def load_dataset(name: str, *, with_masks: bool = False) -> DetectionDataset:
+    return load_coco_json(get_dataset(name), with_masks=with_masks)
 
 
 def train_ann_types(cfg: Config) -> list[str]:
@@ -76,7 +76,7 @@ def load_train_datasets(cfg: Config) -> list[DetectionDataset]:
                 raise ValueError(f"dataset {name} is image-labelled but MODEL.PIS_PROP_PATH (its pseudo boxes) is empty")
             dataset = load_image_labels(get_dataset(name), cfg.MODEL.PIS_PROP_PATH)
         else:
-            dataset = load_dataset(name)
+            dataset = load_dataset(name, with_masks=cfg.MODEL.MASK_ON)
             if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
                 dataset.records = [r for r in dataset.records if len(r.boxes)]
                 if not dataset.records:
@@ -136,6 +136,14 @@ def build_train_loader(
             image_labelled=ann == "image",
         )
         sources.append(MappedDataset(dataset, mapper))
+    samplers = ("TrainingSampler", "RepeatFactorTrainingSampler")
+    if d.SAMPLER_TRAIN not in samplers:
+        raise ValueError(f"DATALOADER.SAMPLER_TRAIN must be one of {samplers}, got {d.SAMPLER_TRAIN!r}")
+    factors = [
+        repeat_factors([r.category_ids for r in ds.records], d.REPEAT_THRESHOLD)
+        if d.SAMPLER_TRAIN == "RepeatFactorTrainingSampler" and ann == "box" else None
+        for ds, ann in zip(datasets, train_ann_types(cfg))
+    ]
     sampler = MultiSourceBatchSampler(
         [len(ds) for ds in datasets],
         ratios=list(d.DATASET_RATIO) or [1.0] * n,
@@ -144,6 +152,7 @@ def build_train_loader(
         rank=rank,
         world_size=world_size,
         start_iter=start_iter,
+        repeat_factors=factors,
     )
     return _loader(MultiSourceDataset(sources), sampler, d.NUM_WORKERS)
 

@@ -29,6 +29,7 @@ class ImageRecord:
     boxes: np.ndarray
     category_ids: np.ndarray
     image_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    masks: list[list[np.ndarray]] | None = None  # per box, its polygons (flat float64 xy arrays); None without masks
 
 
 @dataclass
@@ -60,9 +61,13 @@ class DetectionDataset:
         return len(self.records)
 
 
-def load_coco_json(spec: DatasetSpec) -> DetectionDataset:
+def load_coco_json(spec: DatasetSpec, *, with_masks: bool = False) -> DetectionDataset:
     """Records of a COCO detection JSON. Boxes are clipped to the image; zero-area boxes and crowd
-    annotations are dropped and counted in the log; unknown ids and a file with no images are errors."""
+    annotations are dropped and counted in the log; unknown ids and a file with no images are errors.
+
+    ``with_masks``: also keep each box's polygons (``segmentation``; for the mask head). Polygons with fewer than
+    three points are dropped as detectron2 does; an annotation without polygons or with an RLE mask is an error.
+    """
     path = spec.json_file
     data = read_json(path, what=f"annotation file of dataset {spec.name}")
     for key in ("images", "categories"):
@@ -81,7 +86,7 @@ def load_coco_json(spec: DatasetSpec) -> DetectionDataset:
             raise ValueError(f"{path}: image entry {img!r} needs id, file_name, height and width") from None
     if not images:
         raise ValueError(f"dataset {spec.name}: {path} has no images")
-    per_image: dict[int, list[tuple[list[float], int]]] = {i: [] for i in images}
+    per_image: dict[int, list[tuple[list[float], int, list[np.ndarray] | None]]] = {i: [] for i in images}
     clipped = dropped = crowd = 0
     for ann in data.get("annotations", []):
         img_id, cat = ann.get("image_id"), ann.get("category_id")
@@ -100,7 +105,7 @@ def load_coco_json(spec: DatasetSpec) -> DetectionDataset:
         if box[2] <= box[0] or box[3] <= box[1]:
             dropped += 1
             continue
-        per_image[img_id].append((box, cat))
+        per_image[img_id].append((box, cat, _polygons(ann, path) if with_masks else None))
     if clipped or dropped or crowd:
         logger.warning(
             "%s: %d boxes clipped to their image, %d of zero area dropped, %d crowd annotations ignored",
@@ -118,9 +123,19 @@ def load_coco_json(spec: DatasetSpec) -> DetectionDataset:
                 width=w,
                 boxes=np.array([a[0] for a in anns], dtype=np.float32).reshape(-1, 4),
                 category_ids=np.array([a[1] for a in anns], dtype=np.int64),
+                masks=[a[2] for a in anns] if with_masks else None,
             )
         )
     return DetectionDataset(spec.name, path, records, categories, tuple(spec.novel_category_ids))
+
+
+def _polygons(ann: dict, path: Path) -> list[np.ndarray]:
+    seg = ann.get("segmentation")
+    if not isinstance(seg, list) or not all(isinstance(p, list) for p in seg):
+        kind = "an RLE mask" if isinstance(seg, dict) else f"segmentation {type(seg).__name__}"
+        raise ValueError(f"{path}: annotation {ann.get('id')} has {kind}; mask training (MODEL.MASK_ON) needs "
+                         "polygons: a list of [x0, y0, x1, y1, ...] lists")
+    return [np.asarray(p, dtype=np.float64) for p in seg if len(p) >= 6 and len(p) % 2 == 0]
 
 
 def safe_join(root: Path, file_name: str, source: Path) -> Path:

@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ovd.data.datasets import ImageRecord
 from ovd.data.region_store import RegionStore
-from ovd.structures import ImageSample, Instances
+from ovd.structures import ImageSample, Instances, PolygonMasks
 
 
 def read_image(path, *, what: str = "image") -> np.ndarray:
@@ -57,6 +57,19 @@ class ResizeFlip:
         out = boxes * np.array([nw / w, nh / h, nw / w, nh / h], dtype=np.float32)
         if self.flip:
             out = out[:, [2, 1, 0, 3]] * np.array([-1, 1, -1, 1], dtype=np.float32) + np.array([nw, 0, nw, 0], dtype=np.float32)
+        return out
+
+    def apply_polygons(self, polygons: list[np.ndarray]) -> list[np.ndarray]:
+        """Flat float64 ``[x0, y0, x1, y1, ...]`` polygons in ``in_size`` pixels → ``out_size`` pixels."""
+        (h, w), (nh, nw) = self.in_size, self.out_size
+        out = []
+        for p in polygons:
+            q = p.copy()
+            q[0::2] *= nw / w
+            q[1::2] *= nh / h
+            if self.flip:
+                q[0::2] = nw - q[0::2]
+            out.append(q)
         return out
 
 
@@ -118,6 +131,8 @@ class DatasetMapper:
                 image_labels = Instances(tf.out_size, boxes=boxes, classes=classes)
             else:
                 gt = Instances(tf.out_size, gt_boxes=boxes, gt_classes=classes)
+                if record.masks is not None:
+                    gt.gt_masks = PolygonMasks([tf.apply_polygons(m) for m in record.masks])
         regions = None
         if self.region_store is not None:
             boxes, embeds = self.region_store.get(record.image_id)

@@ -19,21 +19,50 @@ class TrainingBatchSampler(Sampler):
     """Yields lists of ``(dataset_index, augmentation_seed)`` from iteration ``start_iter`` on, forever."""
 
     def __init__(
-        self, size: int, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, start_iter: int = 0
+        self,
+        size: int,
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start_iter: int = 0,
+        repeat_factors: np.ndarray | None = None,
     ) -> None:
         if size <= 0:
             raise ValueError("the training dataset is empty")
         if batch_size % world_size:
             raise ValueError(f"SOLVER.IMS_PER_BATCH={batch_size} is not divisible by the number of workers {world_size}")
+        if repeat_factors is not None and (len(repeat_factors) != size or (np.asarray(repeat_factors) < 1).any()):
+            raise ValueError(f"repeat factors must be one per image (got {len(repeat_factors)} for {size}) and >= 1")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.rank, self.world_size, self.start_iter = rank, world_size, start_iter
+        self.repeat_factors = None if repeat_factors is None else torch.as_tensor(repeat_factors, dtype=torch.float64)
         self._epoch, self._perm = -1, torch.empty(0, dtype=torch.int64)
+        self._epoch_starts = [0]  # position where each epoch begins; epochs vary in length with repeat factors
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        """The dataset indices of one epoch in their seeded order: a permutation, or with repeat factors each
+        image ``floor(r)`` times plus once more with probability ``r - floor(r)`` (detectron2's stochastic
+        rounding, drawn anew each epoch), shuffled."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        if self.repeat_factors is None:
+            return torch.randperm(self.size, generator=g)
+        r = self.repeat_factors
+        reps = r.floor() + (torch.rand(self.size, generator=g, dtype=torch.float64) < r - r.floor())
+        indices = torch.repeat_interleave(torch.arange(self.size), reps.to(torch.int64))
+        return indices[torch.randperm(len(indices), generator=g)]
 
     def index_at(self, position: int) -> int:
-        epoch, offset = divmod(position, self.size)
+        if self.repeat_factors is None:
+            epoch, offset = divmod(position, self.size)
+        else:
+            while self._epoch_starts[-1] <= position:
+                self._epoch_starts.append(self._epoch_starts[-1] + len(self._epoch_order(len(self._epoch_starts) - 1)))
+            epoch = int(np.searchsorted(self._epoch_starts, position, side="right")) - 1
+            offset = position - self._epoch_starts[epoch]
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.size, generator=g)
+            self._epoch, self._perm = epoch, self._epoch_order(epoch)
         return int(self._perm[offset])
 
     def batch_at(self, iteration: int) -> list[tuple[int, int]]:
@@ -83,6 +112,7 @@ class MultiSourceBatchSampler(Sampler):
         rank: int = 0,
         world_size: int = 1,
         start_iter: int = 0,
+        repeat_factors: list[np.ndarray | None] | None = None,
     ) -> None:
         if not (len(sizes) == len(ratios) == len(batch_sizes)):
             raise ValueError(
@@ -91,9 +121,11 @@ class MultiSourceBatchSampler(Sampler):
             )
         if any(r < 0 for r in ratios) or sum(ratios) <= 0:
             raise ValueError(f"DATALOADER.DATASET_RATIO must be non-negative with a positive sum, got {ratios}")
+        factors = repeat_factors or [None] * len(sizes)
         self.streams = [
-            TrainingBatchSampler(n, batch_size=b * world_size, seed=seed + 1_000_003 * k, rank=rank, world_size=world_size)
-            for k, (n, b) in enumerate(zip(sizes, batch_sizes))
+            TrainingBatchSampler(n, batch_size=b * world_size, seed=seed + 1_000_003 * k, rank=rank,
+                                 world_size=world_size, repeat_factors=f)
+            for k, (n, b, f) in enumerate(zip(sizes, batch_sizes, factors))
         ]
         self.cum = np.cumsum(np.asarray(ratios, dtype=np.float64) / sum(ratios))
         self.seed, self.start_iter = seed, start_iter
@@ -108,3 +140,17 @@ class MultiSourceBatchSampler(Sampler):
 
     def _sources(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return np.minimum(np.searchsorted(self.cum, rng.random(n), side="right"), len(self.cum) - 1)
+
+
+def repeat_factors(category_ids_per_image: list[np.ndarray], threshold: float) -> np.ndarray:
+    """LVIS repeat-factor sampling (Gupta et al. 2019, detectron2's ``RepeatFactorTrainingSampler``): a category
+    seen in a fraction ``f`` of the images gets ``r = max(1, sqrt(threshold / f))``; an image repeats by the
+    largest ``r`` of its categories (1 for an image without annotations). Returns float64 [num_images]."""
+    if threshold <= 0:
+        raise ValueError(f"DATALOADER.REPEAT_THRESHOLD must be positive, got {threshold}")
+    num_images = len(category_ids_per_image)
+    present = [np.unique(c) for c in category_ids_per_image]
+    cats, counts = np.unique(np.concatenate(present) if present else np.zeros(0, np.int64), return_counts=True)
+    cat_factor = np.maximum(1.0, np.sqrt(threshold / (counts / num_images)))
+    lookup = dict(zip(cats.tolist(), cat_factor.tolist()))
+    return np.array([max((lookup[c] for c in p.tolist()), default=1.0) for p in present], dtype=np.float64)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from pycocotools import mask as mask_utils
 from torch import Tensor, nn
 from torchvision.ops import roi_align
+
+from ovd.structures import PolygonMasks
 
 
 class MaskHead(nn.Module):
@@ -34,12 +38,36 @@ class MaskHead(nn.Module):
         return self.predictor(F.relu(self.deconv(x)))
 
 
-def mask_targets(gt_masks: Tensor, boxes: Tensor, size: int) -> Tensor:
-    """Binary targets Tensor[N, size, size]: each gt mask (Tensor[N, H, W]) cut out by its matched proposal box
-    (Tensor[N, 4]) with aligned RoIAlign and thresholded at 0.5 (detectron2's BitMasks.crop_and_resize)."""
+def mask_targets(gt_masks: Tensor | PolygonMasks, boxes: Tensor, size: int) -> Tensor:
+    """Binary targets Tensor[N, size, size]: each gt mask cut out by its matched proposal box (Tensor[N, 4]).
+
+    Bitmasks (Tensor[N, H, W]) go through aligned RoIAlign thresholded at 0.5 (detectron2's
+    ``BitMasks.crop_and_resize``); polygons (`PolygonMasks`) are moved into the box's frame, scaled to
+    ``size``×``size`` and rasterised by pycocotools (detectron2's ``rasterize_polygons_within_box``).
+    """
+    if isinstance(gt_masks, PolygonMasks):
+        out = [_rasterize_in_box(p, b, size) for p, b in zip(gt_masks.polygons, boxes.detach().cpu().double().numpy())]
+        if not out:
+            return torch.zeros((0, size, size), dtype=torch.bool, device=boxes.device)
+        return torch.from_numpy(np.stack(out)).to(boxes.device)
     rois = torch.cat([torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype)[:, None], boxes], dim=1)
     out = roi_align(gt_masks[:, None].to(boxes.dtype), rois, (size, size), 1.0, 0, aligned=True)
     return out[:, 0] >= 0.5
+
+
+def _rasterize_in_box(polygons: list[np.ndarray], box: np.ndarray, size: int) -> np.ndarray:
+    if not polygons:
+        return np.zeros((size, size), dtype=bool)
+    x0, y0, x1, y1 = box
+    sx, sy = size / max(x1 - x0, 0.1), size / max(y1 - y0, 0.1)
+    moved = []
+    for p in polygons:
+        q = np.array(p, dtype=np.float64)
+        q[0::2] = (q[0::2] - x0) * sx
+        q[1::2] = (q[1::2] - y0) * sy
+        moved.append(q.tolist())
+    rle = mask_utils.merge(mask_utils.frPyObjects(moved, size, size))
+    return mask_utils.decode(rle).astype(bool)
 
 
 def mask_loss(mask_logits: Tensor, targets: Tensor) -> Tensor:
