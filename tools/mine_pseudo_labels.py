@@ -18,6 +18,10 @@ The score is ``p(label | region)^(1 - alpha) * objectness^alpha`` with ``p`` the
 ``logit_scale * cos(region, text)``; see ovd/pseudo_labels/miner.py. With ``--gt`` (all true boxes of the same images)
 the precision of the pseudo boxes (IoU >= 0.5 with a true box of the same class) is reported and recorded in the
 output's ``info``.
+
+Killed, run it again with the same arguments: the output is written once, atomically, at the end, so a killed run
+leaves any earlier output file untouched and the rerun writes the bytes an uninterrupted run writes (mining from a
+region store is the fast, model-free pass; the store's extraction is the resumable step).
 """
 
 from __future__ import annotations

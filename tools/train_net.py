@@ -1,4 +1,10 @@
-"""Train or evaluate a detector: `python tools/train_net.py --config-file CFG [--eval-only] [--resume] [KEY VALUE ...]`."""
+"""Train or evaluate a detector: `python tools/train_net.py --config-file CFG [--eval-only] [--resume] [KEY VALUE ...]`.
+
+A run killed at any point (even while saving) continues with `--resume` exactly as if it had not stopped (bit for
+bit on CPU): it starts from the last readable checkpoint in OUTPUT_DIR, skipping damaged ones with a warning.
+A NaN/Inf loss stops the run and leaves OUTPUT_DIR/nonfinite_iter_<it>.json/.pth to look into; with
+`SOLVER.SKIP_NONFINITE_LOSS true` such steps are skipped and counted instead.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--config-file", required=True, help="YAML config (with _BASE_ inheritance)")
     p.add_argument("--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS on DATASETS.TEST")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUTPUT_DIR")
+    p.add_argument("--resume", action="store_true", help="continue from the last readable checkpoint in OUTPUT_DIR")
     p.add_argument("--num-gpus", type=int, default=1, help="local workers (GPUs; CPU processes with MODEL.DEVICE cpu)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY=VALUE or KEY VALUE pairs")
     return p.parse_args(argv)

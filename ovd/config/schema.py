@@ -192,6 +192,11 @@ class SolverConfig:
     IMS_PER_BATCH: int = 16  # total over all workers
     CHECKPOINT_PERIOD: int = 5000
     CLIP_GRADIENTS: float = 0.0  # max global grad norm; 0 disables
+    # A NaN/Inf loss stops training, leaving OUTPUT_DIR/nonfinite_iter_<it>.json (the batch's images, the losses) and
+    # .pth (the model before that step). True: skip such steps instead (no optimizer step; counted in the metrics as
+    # nonfinite_skipped), and stop only after NONFINITE_SKIP_LIMIT of them in a row (0: never).
+    SKIP_NONFINITE_LOSS: bool = False
+    NONFINITE_SKIP_LIMIT: int = 10
     AMP: AMPConfig = field(default_factory=AMPConfig)
 
 

@@ -1,14 +1,20 @@
 """Checkpoints: written atomically with a `last_checkpoint` pointer; `--resume` falls back past a broken file.
 
-A training checkpoint holds the model, optimizer, LR scheduler, AMP scaler and iteration. No RNG state is needed:
-the trainer reseeds every iteration from (SEED, rank, iteration) and the data stream is a function of the
-iteration (`TrainingBatchSampler`), so a resumed run continues exactly as the uninterrupted one.
+A training checkpoint holds the model, optimizer, LR scheduler, AMP scaler, iteration and the trainer's own counters.
+No RNG state is needed: the trainer reseeds every iteration from (SEED, rank, iteration) and the data stream is a
+function of the iteration (`TrainingBatchSampler`), so a resumed run continues exactly as the uninterrupted one
+(bit for bit on CPU; on CUDA, where kernels such as RoIAlign's backward are not deterministic, no two runs are).
+
+A process killed while saving leaves the previous checkpoint and the pointer as they were (the new file is written
+to a temporary name and renamed when complete). A checkpoint damaged later (truncated, bytes changed) is refused on
+reading: ``torch.save`` writes a zip archive with a CRC-32 of every member, which ``torch.load`` does not check.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +22,7 @@ import torch
 from torch import nn
 
 from ovd.modeling.detectron2_checkpoint import convert_detectron2_state, is_detectron2_state
-from ovd.utils.io import atomic_path, write_text
+from ovd.utils.io import atomic_path, remove_partial_files, write_text
 
 logger = logging.getLogger(__name__)
 POINTER = "last_checkpoint"
@@ -34,6 +40,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    _verify_crc(path)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, wrong format, disallowed pickled object: all mean "unusable file"
@@ -82,13 +89,22 @@ class Checkpointer:
         self.model = model
         self.objects = objects  # name -> object with state_dict()/load_state_dict()
 
-    def save(self, name: str, iteration: int) -> Path:
-        data = {"model": self.model.state_dict(), "iteration": iteration}
+    def save(self, name: str, iteration: int, *, state: dict[str, Any] | None = None, latest: bool = True) -> Path:
+        """Write ``<name>.pth`` and (``latest``) point ``last_checkpoint`` at it.
+
+        ``state``: the trainer's own counters (plain values), given back by :meth:`resume`. ``latest=False`` keeps a
+        file aside (named other than ``model_*``, it is never resumed from).
+        """
+        data = {"model": self.model.state_dict(), "iteration": iteration, "trainer": dict(state or {})}
         data.update({k: v.state_dict() for k, v in self.objects.items()})
         path = self.dir / f"{name}.pth"
+        # what writers killed before left (only the main process saves, so none is being written now)
+        for pattern in ("model_*.pth", POINTER):
+            remove_partial_files(self.dir / pattern)
         with atomic_path(path) as tmp:
             torch.save(data, tmp)
-        write_text(self.dir / POINTER, path.name)
+        if latest:
+            write_text(self.dir / POINTER, path.name)
         logger.info("saved checkpoint %s (iteration %d)", path, iteration)
         return path
 
@@ -101,13 +117,26 @@ class Checkpointer:
             found = [target] + [p for p in found if p != target]
         return found
 
-    def resume(self) -> int:
-        """Restore the newest readable checkpoint; returns the iteration to start at (0 if there is none)."""
+    def resume(self) -> tuple[int, dict[str, Any]]:
+        """Restore the newest readable checkpoint, falling back to older ones past unreadable files.
+
+        Returns:
+            ``(iteration to start at, trainer state given to save)``; ``(0, {})`` if there is no checkpoint.
+
+        Raises:
+            CheckpointError: checkpoints exist but none can be read (listing why), rather than silently starting
+                again from scratch.
+        """
+        unusable = []
         for path in self.candidates():
             try:
                 data = read_checkpoint(path)
-            except (CheckpointError, FileNotFoundError) as e:
+            except FileNotFoundError as e:  # a pointer to a deleted file
+                logger.warning("skipping: %s", e)
+                continue
+            except CheckpointError as e:
                 logger.warning("skipping unusable checkpoint: %s", e)
+                unusable.append(str(e))
                 continue
             load_model_state(self.model, data["model"], source=str(path))
             for k, obj in self.objects.items():
@@ -115,8 +144,26 @@ class Checkpointer:
                     raise CheckpointError(f"checkpoint {path} has no {k!r} state; cannot resume training from it")
                 obj.load_state_dict(data[k])
             logger.info("resumed from %s at iteration %d", path, data["iteration"])
-            return int(data["iteration"])
-        return 0
+            return int(data["iteration"]), dict(data.get("trainer", {}))
+        if unusable:
+            raise CheckpointError(f"--resume: no usable checkpoint in {self.dir} (delete them to start from scratch):"
+                                  + "".join(f"\n  {e}" for e in unusable))
+        return 0, {}
+
+
+def _verify_crc(path: Path) -> None:
+    """Raise CheckpointError if ``path`` is a zip archive (what ``torch.save`` writes) with a member whose bytes do
+    not match their CRC-32. Other files (truncated ones, legacy pickles) are left to ``torch.load``."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {path} is corrupted: the bytes of {bad!r} do not match their CRC-32 "
+                              "(damaged after it was written)")
 
 
 def _iteration_of(path: Path) -> int:

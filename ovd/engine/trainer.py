@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -18,7 +19,7 @@ from ovd.engine.evaluate import dataset_vocabulary, evaluate
 from ovd.engine.events import MetricsWriter
 from ovd.modeling.build import build_model
 from ovd.modeling.detector import OVDetector
-from ovd.utils.comm import get_rank, get_world_size, is_main_process, reduce_mean
+from ovd.utils.comm import get_rank, get_world_size, is_main_process, reduce_mean, synchronize
 from ovd.utils.io import write_json
 
 logger = logging.getLogger("ovd.train")
@@ -95,12 +96,33 @@ def load_weights(model: OVDetector, path: str) -> None:
     logger.info("loaded weights from %s%s", path, f"; not in it, kept as initialised: {', '.join(missing)}" if missing else "")
 
 
-def _check_finite(losses: dict[str, torch.Tensor], iteration: int) -> None:
-    bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
-    if bad:
-        raise FloatingPointError(
-            f"non-finite loss at iteration {iteration}: " + ", ".join(f"{k}={losses[k].item()}" for k in bad)
-        )
+def _on_any_worker(flag: bool, device: torch.device) -> bool:
+    """``flag`` or-ed over the DDP workers: a step is skipped by all of them or by none (a worker skipping its
+    backward alone would leave the others waiting in the gradient all-reduce)."""
+    if get_world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+def _report_nonfinite(out_dir: Path, iteration: int, batch: list, losses: dict[str, torch.Tensor], bad: list[str],
+                      *, action: str) -> Path:
+    """Write what it takes to look into a non-finite loss (the batch's images, every loss) to
+    ``OUTPUT_DIR/nonfinite_iter_<iteration>.json`` (``_rank<r>`` added on the other DDP workers)."""
+    rank = get_rank()
+    values = {k: v.item() for k, v in losses.items()}
+    path = out_dir / f"nonfinite_iter_{iteration:07d}{f'_rank{rank}' if rank else ''}.json"
+    write_json(path, {
+        "iteration": iteration,
+        "rank": rank,
+        "action": action,
+        "nonfinite": bad,  # empty where only another worker's losses were
+        "losses": {k: v if math.isfinite(v) else str(v) for k, v in values.items()},  # NaN is not JSON
+        "image_ids": [s.image_id for s in batch],
+        "file_names": [str(s.file_name) for s in batch],
+    }, indent=2)
+    return path
 
 
 def train(cfg: Config, *, resume: bool = False) -> dict:
@@ -126,7 +148,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=amp)
     checkpointer = Checkpointer(out_dir, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
 
-    start_iter = checkpointer.resume() if resume else 0
+    start_iter, state = checkpointer.resume() if resume else (0, {})
     if start_iter == 0 and cfg.MODEL.WEIGHTS:
         load_weights(model, cfg.MODEL.WEIGHTS)
     max_iter = cfg.SOLVER.MAX_ITER
@@ -146,49 +168,87 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
 
     model.train()
     window: dict[str, list[float]] = {}
+    # non-finite steps skipped in all, and in a row up to now; kept in the checkpoints
+    counts = {k: state.get(k, 0) for k in ("nonfinite_skipped", "nonfinite_streak")}
     data_iter = iter(loader)
     for iteration in range(start_iter, max_iter):
         torch.manual_seed(hash((cfg.SEED, rank, iteration)) % (1 << 63))
         batch = next(data_iter)
-        with torch.autocast(device.type, enabled=amp):
-            losses = ddp(batch)
-        total = sum(weights[k] * v for k, v in losses.items())
-        _check_finite(losses, iteration)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        if cfg.SOLVER.CLIP_GRADIENTS > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.SOLVER.CLIP_GRADIENTS)
-        scaler.step(optimizer)
-        scaler.update()
+        try:
+            with torch.autocast(device.type, enabled=amp):
+                losses = ddp(batch)
+            bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
+        except FloatingPointError as e:  # the model's own check (RPN outputs) found a diverged state
+            losses, bad = {}, [f"forward ({e})"]
+        if _on_any_worker(bool(bad), device):
+            limit = cfg.SOLVER.NONFINITE_SKIP_LIMIT
+            stop = not cfg.SOLVER.SKIP_NONFINITE_LOSS or 0 < limit <= counts["nonfinite_streak"] + 1
+            report = _report_nonfinite(out_dir, iteration, batch, losses, bad, action="stopped" if stop else "skipped")
+            if stop:
+                _stop_nonfinite(cfg, checkpointer, iteration, losses, bad, report, counts=counts)
+            counts = {k: v + 1 for k, v in counts.items()}
+            logger.warning("iteration %d: non-finite %s; step skipped (%d skipped, %d in a row); batch in %s",
+                           iteration, ", ".join(bad) or "loss on another worker", *counts.values(), report)
+        else:
+            counts["nonfinite_streak"] = 0
+            total = sum(weights[k] * v for k, v in losses.items())
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            if cfg.SOLVER.CLIP_GRADIENTS > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.SOLVER.CLIP_GRADIENTS)
+            scaler.step(optimizer)
+            scaler.update()
+            for k, v in [*losses.items(), ("total_loss", total)]:
+                window.setdefault(k, []).append(v.item())
         lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
+        scheduler.step()  # also after a skipped step: the schedule follows the iteration, as the data does
 
         done = iteration + 1
-        for k, v in [*losses.items(), ("total_loss", total)]:
-            window.setdefault(k, []).append(v.item())
-        if done % cfg.LOG_PERIOD == 0 or done == max_iter or iteration == start_iter:
+        period = cfg.SOLVER.CHECKPOINT_PERIOD
+        checkpoint_due = done < max_iter and period > 0 and done % period == 0
+        # a checkpoint also closes the averaging window, so a run resumed from it logs the lines of an uninterrupted one
+        if done % cfg.LOG_PERIOD == 0 or done == max_iter or iteration == 0 or checkpoint_due:
             # each loss averaged over the iterations since the last line (where it occurred: PIS losses only on
             # image-labelled batches)
             metrics = reduce_mean({k: sum(v) / len(v) for k, v in window.items()}, device)
             window.clear()
             metrics["lr"] = lr
+            if cfg.SOLVER.SKIP_NONFINITE_LOSS:
+                metrics["nonfinite_skipped"] = counts["nonfinite_skipped"]
             if writer is not None:
                 writer.write(iteration, metrics)
                 writer.console(iteration, metrics)
-        if is_main_process() and done < max_iter and cfg.SOLVER.CHECKPOINT_PERIOD > 0 and done % cfg.SOLVER.CHECKPOINT_PERIOD == 0:
-            checkpointer.save(f"model_{iteration:07d}", done)
+        if checkpoint_due and is_main_process():
+            checkpointer.save(f"model_{iteration:07d}", done, state=counts)
         if cfg.TEST.EVAL_PERIOD > 0 and done % cfg.TEST.EVAL_PERIOD == 0 and done < max_iter:
             _log_eval(writer, iteration, evaluate(cfg, model))
 
     if is_main_process():
-        checkpointer.save("model_final", max_iter)
+        checkpointer.save("model_final", max_iter, state=counts)
     results = evaluate(cfg, model) if cfg.DATASETS.TEST else {}
     _log_eval(writer, max_iter - 1, results)
     if writer is not None:
         writer.close()
         write_json(out_dir / "final_metrics.json", results, indent=2)
     return results
+
+
+def _stop_nonfinite(cfg: Config, checkpointer: Checkpointer, iteration: int, losses: dict[str, torch.Tensor],
+                    bad: list[str], report: Path, *, counts: dict[str, int]) -> None:
+    """Keep the state before the failing step beside the report (not as a checkpoint to resume from: it may be
+    diverged already) and raise FloatingPointError naming the iteration, the loss terms and the files."""
+    snapshot = report.with_name(f"nonfinite_iter_{iteration:07d}.pth")
+    if is_main_process():
+        checkpointer.save(snapshot.stem, iteration, state=counts, latest=False)
+    synchronize()  # the other workers wait for it before they stop
+    terms = ", ".join(f"{k}={losses[k].item()}" if k in losses else k for k in bad) or "on another worker"
+    why = (f"{counts['nonfinite_streak'] + 1} non-finite steps in a row (SOLVER.NONFINITE_SKIP_LIMIT)"
+           if cfg.SOLVER.SKIP_NONFINITE_LOSS else "SOLVER.SKIP_NONFINITE_LOSS true would skip such steps")
+    raise FloatingPointError(
+        f"non-finite loss at iteration {iteration}: {terms}; {why}. The batch and its losses are in {report}, the "
+        f"model before this step in {snapshot} (MODEL.WEIGHTS loads it); --resume replays from the last checkpoint."
+    )
 
 
 def _log_eval(writer: MetricsWriter | None, iteration: int, results: dict[str, dict]) -> None:

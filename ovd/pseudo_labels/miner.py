@@ -22,6 +22,11 @@ Output (DESIGN §4): COCO JSON — ``images`` (the image-label file's entries of
 ``categories``, ``annotations`` ``{id, image_id, category_id, bbox (xywh), area, iscrowd: 0, score}`` (images by
 id, labels by id), and ``info`` (mode, parameters, stats); readable by
 ``ovd.data.datasets.load_image_labels(spec, pseudo_boxes=path)``.
+
+Interruption: mining is one deterministic pass whose output is written once, at the end, atomically. A killed run
+leaves a previous output file as it was, and running again writes the same bytes an uninterrupted run writes. The
+costly part, encoding regions, is resumable where it belongs: extract a region store first (its chunks survive a
+kill) and mine from it; mining from a store is a fast pass (no model).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from ovd.data.datasets import DetectionDataset, ImageRecord
 from ovd.data.mapper import read_image
 from ovd.data.proposals import Proposals, load_proposals
 from ovd.data.region_store import RegionStore
-from ovd.utils.io import read_json, write_json
+from ovd.utils.io import read_json, remove_partial_files, write_json
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -449,7 +454,8 @@ def save_pseudo_boxes(
     annotations: Sequence[Mapping[str, Any]],
     info: Mapping[str, Any],
 ) -> Path:
-    """Write pseudo boxes as COCO JSON (module docstring), atomically.
+    """Write pseudo boxes as COCO JSON (module docstring), atomically: a reader never sees, and a killed run never
+    leaves, a partial file at ``path``.
 
     Args:
         image_labels: the image-label file's content (its ``images`` entries of images with a box are written, in
@@ -459,6 +465,7 @@ def save_pseudo_boxes(
     """
     with_boxes = {a["image_id"] for a in annotations}
     path = Path(path)
+    remove_partial_files(path)  # what a killed run left of its write
     write_json(path, {
         "info": dict(info),
         "images": [img for img in image_labels["images"] if img["id"] in with_boxes],

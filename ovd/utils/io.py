@@ -29,6 +29,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def remove_partial_files(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that :func:`atomic_path` left beside ``path`` (a glob pattern allowed in the name)
+    when its writer was killed; only where no other process is writing ``path`` now. Returns those removed."""
+    path = Path(path)
+    found = sorted(path.parent.glob(f".{path.name}.*.tmp"))
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
+
+
 def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = None) -> None:
     """Write ``obj`` as JSON atomically."""
     with atomic_path(path) as tmp:
