@@ -107,3 +107,15 @@ def true_pseudo_boxes(tiny_world, tmp_path_factory):
     path = tmp_path_factory.mktemp("pseudo") / "pseudo.json"
     path.write_text(json.dumps({**labels, "annotations": [{**a, "score": 1.0} for a in boxes]}))
     return path
+
+
+@pytest.fixture(scope="session")
+def oracle_world(tmp_path_factory):
+    """A 12 + 6 image shapes world at 128 px with noisy-oracle proposals of its training images: (root, proposals)."""
+    from ovd.data.proposals import make_oracle_proposals
+    from ovd.data.shapes import make_shapes_world
+
+    root = make_shapes_world(tmp_path_factory.mktemp("world"), num_train=12, num_val=6, image_size=128, seed=3)
+    proposals = root / "proposals.json"
+    make_oracle_proposals(root / "annotations" / "train_all.json", proposals, seed=0)
+    return root, proposals

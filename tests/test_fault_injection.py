@@ -17,9 +17,7 @@ from tools_loader import load_tool
 
 from ovd.clip import encode_text, load_clip, save_text_embeddings
 from ovd.config import load_config
-from ovd.data.proposals import make_oracle_proposals
 from ovd.data.region_store import RegionStore
-from ovd.data.shapes import make_shapes_world
 from ovd.engine.checkpoint import CheckpointError, Checkpointer, read_checkpoint
 from ovd.engine.trainer import train
 from ovd.modeling.detector import OVDetector
@@ -319,11 +317,8 @@ def test_ddp_workers_skip_a_nonfinite_step_together(tiny_world, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = make_shapes_world(tmp_path_factory.mktemp("world"), num_train=12, num_val=2, image_size=128, seed=3)
-    proposals = root / "proposals.json"
-    make_oracle_proposals(root / "annotations" / "train_all.json", proposals, seed=0)
-    return root, proposals
+def world(oracle_world):
+    return oracle_world
 
 
 def extractor_args(world, out):

@@ -14,10 +14,9 @@ from PIL import Image
 from ovd.clip import load_clip
 from ovd.clip.regions import RegionPreprocessor, crop_regions, encode_regions, select_regions
 from ovd.data.mapper import read_image
-from ovd.data.proposals import make_oracle_proposals, save_proposals
+from ovd.data.proposals import save_proposals
 from ovd.data.region_extraction import extract_region_embeddings
 from ovd.data.region_store import RegionStore
-from ovd.data.shapes import make_shapes_world
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "extract_region_embeddings.py"
 STORE_FILES = ("embeddings.npy", "boxes.npy", "index.npy", "meta.json")
@@ -29,11 +28,8 @@ def toy():
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = make_shapes_world(tmp_path_factory.mktemp("world"), num_train=12, num_val=6, image_size=128, seed=3)
-    proposals = root / "proposals.json"
-    make_oracle_proposals(root / "annotations" / "train_all.json", proposals, seed=0)
-    return root, proposals
+def world(oracle_world):
+    return oracle_world
 
 
 def extract(toy, world, out, **kwargs):

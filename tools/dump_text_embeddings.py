@@ -19,17 +19,13 @@ from ovd.clip import (
     read_lines,
     save_text_embeddings,
 )
-from ovd.clip.models import LOCAL_DIR_PREFIX
+from ovd.clip.arguments import add_clip_arguments, check_clip_arguments
 from ovd.utils.io import read_json
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="ViT-B-32", help="open_clip architecture, or local-dir:<folder> (default: %(default)s)")
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument("--pretrained", help="open_clip tag (e.g. openai) or checkpoint file")
-    weights.add_argument("--random-init", action="store_true", help="randomly initialised model (synthetic runs without a teacher)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --random-init (default: %(default)s)")
+    add_clip_arguments(parser)
     names = parser.add_mutually_exclusive_group(required=True)
     names.add_argument("--names", help="comma-separated class names")
     names.add_argument("--names-file", help="text file, one class name per line")
@@ -39,11 +35,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int, default=256)
     args = parser.parse_args(argv)
-    if not args.model.startswith(LOCAL_DIR_PREFIX) and args.pretrained is None and not args.random_init:
-        # A random text tower gives embeddings that look valid; never fall into one by omission.
-        parser.error("give --pretrained TAG|FILE, or --random-init [--seed N] for a randomly initialised model")
-    if args.model.startswith(LOCAL_DIR_PREFIX) and (args.pretrained is not None or args.random_init):
-        parser.error("a local-dir: model carries its own weights; drop --pretrained / --random-init")
+    check_clip_arguments(parser, args)
     return args
 
 

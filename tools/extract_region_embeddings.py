@@ -19,7 +19,7 @@ import sys
 from typing import Sequence
 
 from ovd.clip import load_clip
-from ovd.clip.models import LOCAL_DIR_PREFIX
+from ovd.clip.arguments import add_clip_arguments, check_clip_arguments
 from ovd.data.catalog import get_dataset
 from ovd.data.region_extraction import extract_region_embeddings
 from ovd.data.region_store import merge_stores
@@ -42,12 +42,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     data.add_argument("--dataset-json", help="COCO annotation file (with --image-root)")
     parser.add_argument("--image-root", help="image folder of --dataset-json")
     parser.add_argument("--proposals", required=True, help="class-agnostic proposals, COCO-results JSON")
-    parser.add_argument("--model", default="ViT-B-32",
-                        help="open_clip architecture, or local-dir:<folder> (default: %(default)s)")
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument("--pretrained", help="open_clip tag (e.g. openai) or checkpoint file")
-    weights.add_argument("--random-init", action="store_true", help="randomly initialised model (speed tests only)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --random-init (default: %(default)s)")
+    add_clip_arguments(parser)
     parser.add_argument("--top-k", type=int, default=5, help="regions kept per image after NMS (default: %(default)s)")
     parser.add_argument("--nms", type=float, default=0.5, help="class-agnostic NMS IoU threshold (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=256, help="regions per encoder batch (default: %(default)s)")
@@ -65,11 +60,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.dataset_json is not None and args.image_root is None:
         parser.error("--dataset-json needs --image-root")
-    if not args.model.startswith(LOCAL_DIR_PREFIX) and args.pretrained is None and not args.random_init:
-        # Random embeddings look valid to the trainer; never fall into them by omission.
-        parser.error("give --pretrained TAG|FILE, or --random-init [--seed N] for a randomly initialised model")
-    if args.model.startswith(LOCAL_DIR_PREFIX) and (args.pretrained is not None or args.random_init):
-        parser.error("a local-dir: model carries its own weights; drop --pretrained / --random-init")
+    check_clip_arguments(parser, args)
     return args
 
 

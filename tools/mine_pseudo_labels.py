@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ovd.clip import encode_text, load_clip, load_text_embeddings
+from ovd.clip.arguments import add_clip_arguments, check_clip_arguments
 from ovd.clip.models import LOCAL_DIR_PREFIX
 from ovd.data.catalog import DatasetSpec
 from ovd.data.datasets import load_coco_json, load_image_labels
@@ -62,13 +63,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--proposals", help="proposals file: with --region-store, where its objectness is read "
                                             "(default: the file named in the store); without, the regions to encode")
     parser.add_argument("--text-embeddings", help="teacher text embeddings of the vocabulary (.npy with sidecar)")
-    parser.add_argument("--model", help="the teacher, open_clip architecture or local-dir:<folder>: encodes regions "
-                                        "on the fly (without --region-store), the vocabulary (without "
-                                        "--text-embeddings), and gives the default --logit-scale")
-    weights = parser.add_mutually_exclusive_group()
-    weights.add_argument("--pretrained", help="open_clip tag or checkpoint file of --model")
-    weights.add_argument("--random-init", action="store_true", help="randomly initialised --model (tests only)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --random-init (default: %(default)s)")
+    add_clip_arguments(parser, default_model=None, model_help="the teacher, open_clip architecture or "
+                       "local-dir:<folder>: encodes regions on the fly (without --region-store), the vocabulary "
+                       "(without --text-embeddings), and gives the default --logit-scale")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--top-k", type=int, default=20,
                         help="regions per image encoded on the fly (default: %(default)s)")
@@ -91,12 +88,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error("give --text-embeddings, or --model to compute them")
         if args.region_store is None and args.image_root is None:
             parser.error("encoding regions on the fly (--proposals) needs --image-root")
-    if args.model is not None:
-        local = args.model.startswith(LOCAL_DIR_PREFIX)
-        if not local and args.pretrained is None and not args.random_init:
-            parser.error("give --pretrained TAG|FILE, or --random-init [--seed N] for a randomly initialised --model")
-        if local and (args.pretrained is not None or args.random_init):
-            parser.error("a local-dir: model carries its own weights; drop --pretrained / --random-init")
+    check_clip_arguments(parser, args)
     return args
 
 
