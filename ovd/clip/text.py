@@ -27,6 +27,7 @@ __all__ = [
 
 # The paper's single prompt (DESIGN §2); ensembles come from a template file.
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}",)
+_NPY_MAGIC = b"\x93NUMPY"
 
 
 @dataclass
@@ -188,18 +189,26 @@ def load_text_embeddings(path: str | os.PathLike, *, expected_names: Sequence[st
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"text embeddings file not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(len(_NPY_MAGIC))
+    if magic != _NPY_MAGIC:
+        # np.load would take a zip (.npz, torch.save) for an archive and anything else for a pickle
+        kind = "a zip archive (.npz or torch.save)" if magic.startswith(b"PK") else "not a .npy file"
+        raise ValueError(f"text embeddings file {path} must be a [C, D] float array saved with numpy.save; "
+                         f"it is {kind}")
     try:
         array = np.load(path, allow_pickle=False)
     except ValueError as e:
         # numpy refuses object arrays with allow_pickle=False; say so in our words rather than unpickle.
         raise ValueError(f"text embeddings file {path} is not a plain numeric array (pickled objects are refused): {e}") from None
-    if not isinstance(array, np.ndarray) or not np.issubdtype(array.dtype, np.floating):
-        kind = "an .npz archive" if not isinstance(array, np.ndarray) else f"dtype {array.dtype}"
-        raise ValueError(f"text embeddings file {path} must hold a float [C, D] array, got {kind}")
-    if array.ndim != 2:
-        raise ValueError(f"text embeddings file {path} must hold a 2-D [C, D] array, got shape {list(array.shape)}")
-    if not np.isfinite(array).all():
-        raise ValueError(f"text embeddings file {path} contains non-finite values")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise ValueError(f"text embeddings file {path} must hold a float [C, D] array, got dtype {array.dtype}")
+    if array.ndim != 2 or 0 in array.shape:
+        raise ValueError(f"text embeddings file {path} must hold a 2-D [C, D] array with C, D > 0, got shape "
+                         f"{list(array.shape)}")
+    nonfinite = np.flatnonzero(~np.isfinite(array).all(axis=1))
+    if nonfinite.size:
+        raise ValueError(f"text embeddings file {path} contains non-finite values in rows {nonfinite.tolist()[:10]}")
 
     sidecar = path.with_suffix(".json")
     meta: dict[str, Any] = read_json(sidecar, what="text embeddings sidecar") if sidecar.is_file() else {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence, get_args
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -38,7 +38,8 @@ def _check_keys(data: dict, schema: DictConfig, source: str, prefix: str = "") -
         full = f"{prefix}{k}"
         if not isinstance(k, str) or k not in schema:
             valid = _schema_keys(OmegaConf.structured(Config))
-            close = difflib.get_close_matches(full, valid, n=1, cutoff=0.5)
+            # keys are upper case; `solver.base_lr` should still find SOLVER
+            close = difflib.get_close_matches(full.upper(), valid, n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(f"unknown config key {full} in {source}{hint}")
         child = schema._get_node(k)
@@ -50,11 +51,16 @@ def _check_keys(data: dict, schema: DictConfig, source: str, prefix: str = "") -
 
 def _expected_type(schema: DictConfig, key: str) -> str:
     node = schema
-    for part in key.split("."):
+    for part in key.partition("[")[0].split("."):
         node = node._get_node(part)
     ref = getattr(node, "_metadata", None)
     t = getattr(ref, "ref_type", None) or getattr(ref, "element_type", None)
-    return getattr(t, "__name__", None) or str(t).replace("typing.", "")
+    # OmegaConf names a bad list element `SOLVER.STEPS[0]`: that wants the element type, int of List[int]
+    for _ in range(key.count("[")):
+        t = (get_args(t) or (t,))[0]
+    if getattr(t, "__origin__", None) is not None:  # List[int] rather than List
+        return str(t).replace("typing.", "")
+    return getattr(t, "__name__", None) or str(t)
 
 
 def _merge(cfg: DictConfig, data: dict, source: str) -> DictConfig:
@@ -86,6 +92,8 @@ def _read_yaml(path: Path, stack: tuple[Path, ...]) -> list[tuple[dict, str]]:
     base = data.pop(BASE_KEY, None)
     if base is not None:
         bases = [base] if isinstance(base, str) else base
+        if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+            raise ConfigError(f"{BASE_KEY} in {path} must be a file name or a list of them, got {base!r}")
         for b in bases:
             chain.extend(_read_yaml((path.parent / os.path.expanduser(b)).resolve(), stack + (path,)))
     chain.append((data, str(path)))
@@ -106,6 +114,9 @@ def parse_overrides(args: Sequence[str]) -> list[tuple[str, Any]]:
             i += 2
         else:
             raise ConfigError(f"override {tok!r} has no value (use KEY=VALUE or KEY VALUE)")
+        if not key or not all(key.split(".")):
+            raise ConfigError(f"override {tok!r}: {key!r} is not a config key (KEY=VALUE or KEY VALUE, KEY like "
+                              "SOLVER.BASE_LR)")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:

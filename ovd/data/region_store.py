@@ -387,6 +387,9 @@ def _read_meta(path: Path) -> dict[str, Any]:
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"region store {path} has format_version {meta.get('format_version')!r}; "
                          f"this code reads version {FORMAT_VERSION}")
+    missing = [k for k in ("model_name", "dim", "num_images", "num_regions") if k not in meta]
+    if missing:
+        raise ValueError(f"region store metadata {meta_path} lacks {missing}; extract the store again")
     return meta
 
 

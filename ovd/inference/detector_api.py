@@ -190,6 +190,10 @@ class Detector:
                 if templates is not None:
                     raise ValueError("templates apply to class names, not to a ready embeddings file")
                 loaded = load_text_embeddings(spec)
+                dim = self.model.roi_heads.box_predictor.cls_score.text_embeds.shape[1]
+                if loaded.embeds.shape[1] != dim:
+                    raise ValueError(f"text embeddings file {spec} holds {loaded.embeds.shape[1]}-d embeddings; this "
+                                     f"detector scores {dim}-d ones (embed with its CLIP text model)")
                 vocab = Vocabulary.of(loaded.names or [f"class {i}" for i in range(len(loaded.embeds))])
                 self._apply(vocab, torch.from_numpy(loaded.embeds))
                 return

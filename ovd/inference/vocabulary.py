@@ -79,6 +79,7 @@ class Vocabulary:
     @classmethod
     def of(cls, names: Sequence[str]) -> Vocabulary:
         """``names`` with category ids 1..C."""
+        check_names(names)  # before tuple() splits a bare string into letters
         return cls(tuple(names), tuple(range(1, len(names) + 1)))
 
     def __len__(self) -> int:
@@ -116,7 +117,10 @@ def parse_vocabulary(spec: str) -> Vocabulary | Path:
     if spec.endswith(".npy"):
         return Path(spec)
     if Path(spec).is_file():
-        return Vocabulary.of(read_lines(spec, what="vocabulary file"))
+        names = read_lines(spec, what="vocabulary file")
+        if not names:
+            raise ValueError(f"vocabulary file {spec} has no class names (one per line)")
+        return Vocabulary.of(names)
     return Vocabulary.of([n.strip() for n in spec.split(",")])
 
 
