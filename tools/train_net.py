@@ -9,9 +9,11 @@ A NaN/Inf loss stops the run and leaves OUTPUT_DIR/nonfinite_iter_<it>.json/.pth
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
-from ovd.config import load_config
+from ovd.config import ConfigError, load_config
+from ovd.engine.checkpoint import CheckpointError
 from ovd.engine.launch import launch
 from ovd.engine.setup import setup_logging, use_cuda
 from ovd.engine.trainer import evaluate_only, train
@@ -35,10 +37,18 @@ def main(args: argparse.Namespace) -> dict | None:
     return train(cfg, resume=args.resume)
 
 
-def cli(argv: list[str] | None = None) -> None:
+def cli(argv: list[str] | None = None) -> int:
+    """Exit status 2 with one ``error:`` line for bad input (config, files, checkpoints); the traceback goes to the
+    run's log.txt where logging is set up."""
     args = parse_args(argv)
-    cfg = load_config(args.config_file, args.opts)  # fail on a bad config before spawning workers
-    launch(main, args.num_gpus, use_cuda=use_cuda(cfg), args=(args,))
+    try:
+        cfg = load_config(args.config_file, args.opts)  # fail on a bad config before spawning workers
+        launch(main, args.num_gpus, use_cuda=use_cuda(cfg), args=(args,))
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+        logging.getLogger("ovd").debug("stopped by bad input", exc_info=True)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

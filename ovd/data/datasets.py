@@ -81,8 +81,8 @@ def load_coco_json(spec: DatasetSpec, *, with_masks: bool = False) -> DetectionD
     images = {}
     for img in data["images"]:
         try:
-            images[img["id"]] = (img["file_name"], int(img["height"]), int(img["width"]))
-        except (KeyError, TypeError, ValueError):
+            images[img["id"]] = (_file_name(img), int(img["height"]), int(img["width"]))
+        except (KeyError, TypeError, ValueError, AttributeError):
             raise ValueError(f"{path}: image entry {img!r} needs id, file_name, height and width") from None
     if not images:
         raise ValueError(f"dataset {spec.name}: {path} has no images")
@@ -98,7 +98,7 @@ def load_coco_json(spec: DatasetSpec, *, with_masks: bool = False) -> DetectionD
             crowd += 1
             continue
         _, h, w = images[img_id]
-        x, y, bw, bh = (float(v) for v in ann["bbox"])
+        x, y, bw, bh = _xywh(ann, path)
         box = [max(x, 0.0), max(y, 0.0), min(x + bw, w), min(y + bh, h)]
         if box != [x, y, x + bw, y + bh]:
             clipped += 1
@@ -138,6 +138,24 @@ def _polygons(ann: dict, path: Path) -> list[np.ndarray]:
     return [np.asarray(p, dtype=np.float64) for p in seg if len(p) >= 6 and len(p) % 2 == 0]
 
 
+def _xywh(ann: dict, source: str | Path) -> tuple[float, float, float, float]:
+    """An annotation's ``bbox`` as four floats, or an error naming ``source`` and the annotation."""
+    bbox = ann.get("bbox")
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        raise ValueError(f"{source}: annotation {ann.get('id')} has bbox {bbox!r}; expected [x, y, w, h] numbers") from None
+    return x, y, w, h
+
+
+def _file_name(img: dict) -> str:
+    """The image's ``file_name``; LVIS v1 images have none: their ``coco_url`` ends in the COCO 2017 folder and file
+    (``http://images.cocodataset.org/val2017/000000397133.jpg`` → ``val2017/000000397133.jpg``, under ``coco/``)."""
+    if "file_name" in img:
+        return img["file_name"]
+    return "/".join(img["coco_url"].rsplit("/", 2)[-2:])
+
+
 def safe_join(root: Path, file_name: str, source: Path) -> Path:
     """``root / file_name``, refusing names that leave ``root`` (absolute paths, ``..``)."""
     p = (root / file_name).resolve()
@@ -162,6 +180,8 @@ def load_image_labels(spec: DatasetSpec, pseudo_boxes: str | Path | None = None)
     root = Path(spec.image_root)
     records = []
     for img in data["images"]:
+        if not isinstance(img, dict) or not {"id", "file_name", "height", "width"} <= img.keys():
+            raise ValueError(f"{path}: image entry {img!r:.200} needs id, file_name, height and width")
         if "pos_category_ids" not in img:
             raise ValueError(f"{path}: image {img.get('id')} has no pos_category_ids")
         labels = sorted(set(img["pos_category_ids"]))
@@ -187,6 +207,11 @@ def attach_pseudo_boxes(dataset: DetectionDataset, path: Path) -> None:
     anns = data.get("annotations") if isinstance(data, dict) else None
     if anns is None:
         raise ValueError(f"pseudo-box file {path} is not COCO JSON with an 'annotations' list")
+    for i, a in enumerate(anns):
+        if not (isinstance(a, dict) and isinstance(a.get("image_id"), int) and isinstance(a.get("category_id"), int)
+                and isinstance(a.get("bbox"), list) and len(a["bbox"]) == 4):
+            raise ValueError(f"pseudo-box file {path}: annotation {i} ({a!r:.200}) is not "
+                             "{image_id: int, category_id: int, bbox: [x, y, w, h]}")
     by_id = {r.image_id: r for r in dataset.records}
     unknown = sorted({a["image_id"] for a in anns if a["image_id"] not in by_id})
     if unknown:
@@ -199,7 +224,7 @@ def attach_pseudo_boxes(dataset: DetectionDataset, path: Path) -> None:
         if a["category_id"] not in rec.image_labels:
             not_labelled += 1
             continue
-        x, y, w, h = (float(v) for v in a["bbox"])
+        x, y, w, h = _xywh(a, f"pseudo-box file {path}")
         box = [max(x, 0.0), max(y, 0.0), min(x + w, rec.width), min(y + h, rec.height)]
         if box[2] > box[0] and box[3] > box[1]:
             boxes[rec.image_id].append((box, a["category_id"]))

@@ -13,6 +13,7 @@ reading: ``torch.save`` writes a zip archive with a CRC-32 of every member, whic
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 import zipfile
 from pathlib import Path
@@ -44,7 +45,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, wrong format, disallowed pickled object: all mean "unusable file"
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {_load_error(e)}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(data).__name__}, expected a dict")
     if "model" not in data:
@@ -149,6 +150,20 @@ class Checkpointer:
             raise CheckpointError(f"--resume: no usable checkpoint in {self.dir} (delete them to start from scratch):"
                                   + "".join(f"\n  {e}" for e in unusable))
         return 0, {}
+
+
+def _load_error(e: Exception) -> str:
+    """What ``torch.load(weights_only=True)`` found wrong, without its advice to load unsafely."""
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in text:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if found:
+            return (f"it holds a Python object ({found.group(1)}) besides tensors; ovd reads weights only, never "
+                    "unpickles objects: save a dict of tensors, e.g. torch.save({'model': model.state_dict()}, f)")
+        return "it is not a file written by torch.save (or holds Python objects besides tensors)"
+    if "central directory" in text or "zip archive" in text:
+        return "the zip archive torch.save writes is truncated or damaged; copy the file again"
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _verify_crc(path: Path) -> None:

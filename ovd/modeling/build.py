@@ -52,10 +52,10 @@ def build_model(cfg: Config, *, text_embeds: Tensor | None = None, class_image_c
             raise ValueError("MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH is empty: the classifier needs text embeddings")
         text_embeds = torch.from_numpy(load_text_embeddings(m.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH).embeds)
     if text_embeds.shape[1] != m.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_DIM:
-        raise ValueError(
-            f"text embeddings have dimension {text_embeds.shape[1]}, MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_DIM is "
-            f"{m.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_DIM}"
-        )
+        source = f"MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH {m.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH} holds" \
+            if m.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH else "the text embeddings are"
+        raise ValueError(f"{source} {text_embeds.shape[1]}-d embeddings, but MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_DIM "
+                         f"is {m.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_DIM}")
     num_classes = text_embeds.shape[0]
     if class_image_counts is not None:
         freq = class_image_counts.float() ** 0.5
