@@ -242,7 +242,7 @@ DATASET_CASES = [
     case("data-image-size-mismatch", lambda t: _map_first(t, _png(10, 12)), ValueError,
          r"image <tmp>/images/a\.png is 10x12 but its annotation says 8x8"),
     case("data-unknown-dataset-name", lambda t: get_dataset("shapes_vall"), KeyError,
-         r"unknown dataset 'shapes_vall'; known: .*shapes_val\b"),
+         r"unknown dataset 'shapes_vall' \(did you mean shapes_val\?\); known: .*shapes_val\b"),
     case("labels-missing-pos-category-ids", lambda t: load_image_labels(_labels(t, IMAGE)), ValueError,
          r"<tmp>/labels\.json: image 1 has no pos_category_ids"),
     case("labels-image-entry-incomplete", lambda t: load_image_labels(_labels(t, {"id": 1, "file_name": "a.png",

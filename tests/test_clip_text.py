@@ -67,6 +67,9 @@ def test_encode_text_shape_norm_and_prompt(toy):
         direct = F.normalize(toy.model.encode_text(toy.tokenizer([f"a photo of a {n}" for n in NAMES])), dim=-1)
     torch.testing.assert_close(embeds, direct)
     assert DEFAULT_TEMPLATES == ("a photo of a {}",)
+    # LVIS names: underscores read as spaces in the prompt
+    lvis = encode_text(toy, ["aerosol_can", "bow_(weapon)"])
+    torch.testing.assert_close(lvis, encode_text(toy, ["aerosol can", "bow (weapon)"]))
 
 
 def test_encode_text_ensemble_is_normalised_mean_of_normalised_prompts(toy):

@@ -1,7 +1,8 @@
 """Image-level labels from captions: class names, plurals and synonyms matched as whole words (DESIGN §2, §4).
 
     python tools/captions_to_image_labels.py --captions annotations/captions_train2017.json \\
-        --categories annotations/instances_val2017.json --out coco_caption_labels.json
+        --categories zero-shot/ovd_split.json --unlabelled-categories annotations/instances_val2017.json \\
+        --out zero-shot/captions_train2017_tags.json
     python tools/captions_to_image_labels.py --captions datasets/shapes/annotations/train_image_labels.json \\
         --categories datasets/shapes/meta.json --out /tmp/labels.json \\
         --reference datasets/shapes/annotations/train_image_labels.json
@@ -36,6 +37,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "meta.json)")
     parser.add_argument("--out", required=True, help="image-label JSON to write")
     parser.add_argument("--synonyms", help="JSON {category name: [synonym, ...]}")
+    parser.add_argument("--unlabelled-categories",
+                        help="JSON file with 'categories' (e.g. COCO's instances_val2017.json): those whose ids are "
+                             "not in --categories are matched but never labelled, so 'hot dog' does not label 'dog'")
     parser.add_argument("--keep-empty", action="store_true",
                         help="keep images whose captions name no category (with empty pos_category_ids)")
     parser.add_argument("--reference", help="image-label JSON to compare the derived labels with (same image ids)")
@@ -47,7 +51,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     images = load_caption_images(args.captions)
     categories = load_categories(args.categories)
     synonyms = load_synonyms(args.synonyms) if args.synonyms else None
-    dataset, stats = captions_to_image_labels(images, categories, synonyms=synonyms, keep_empty=args.keep_empty)
+    ids = {c["id"] for c in categories}
+    unlabelled = ([c for c in load_categories(args.unlabelled_categories) if c["id"] not in ids]
+                  if args.unlabelled_categories else [])
+    dataset, stats = captions_to_image_labels(images, categories, synonyms=synonyms, keep_empty=args.keep_empty,
+                                              unlabelled_categories=unlabelled)
     write_json(args.out, dataset)
 
     print(f"{stats.images} images, {stats.captions} captions, {len(categories)} categories -> {args.out}")

@@ -98,6 +98,8 @@ def encode_text(
     Returns:
         Tensor[C, D] float32 on the CPU, rows L2-normalised.
 
+    Underscores in a name read as spaces in its prompts.
+
     Raises:
         ValueError: no names, blank or duplicate names, a template without ``{}``, or a prompt longer than the
             tokenizer's context length (it would be silently truncated).
@@ -111,8 +113,9 @@ def encode_text(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     _check_templates(templates)
 
-    # Template-major order, so the result reshapes to [T, C, D].
-    prompts = [t.replace("{}", n) for t in templates for n in names]
+    # Template-major order, so the result reshapes to [T, C, D]. LVIS writes names with underscores
+    # (`aerosol_can`, `bow_(weapon)`): the prompt reads them as spaces, as the original code's embeddings did.
+    prompts = [t.replace("{}", n.replace("_", " ")) for t in templates for n in names]
     # One token more than the model takes: anything but padding in that last column means the prompt would be cut.
     ctx = bundle.context_length
     tokens = bundle.tokenizer(prompts, context_length=ctx + 1)

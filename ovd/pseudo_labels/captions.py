@@ -279,6 +279,7 @@ def captions_to_image_labels(
     *,
     synonyms: Mapping[str, Sequence[str]] | None = None,
     keep_empty: bool = False,
+    unlabelled_categories: Sequence[Mapping[str, Any]] = (),
 ) -> tuple[dict[str, Any], CaptionLabelStats]:
     """Label images with the categories their captions name.
 
@@ -287,6 +288,9 @@ def captions_to_image_labels(
         categories: the vocabulary (every category may be matched, novel ones included).
         synonyms: extra synonyms by category name.
         keep_empty: keep images whose captions name nothing (with empty ``pos_category_ids``) instead of dropping them.
+        unlabelled_categories: categories outside the vocabulary (other ids) that are matched but never labelled, so
+            that their words are not read as a vocabulary name: with COCO's 65-class split, ``"a hot dog"`` and
+            ``"a teddy bear"`` name the ignored classes, not *dog* and *bear*.
 
     Returns:
         ``(image_labels, stats)``: an image-label dataset (DESIGN §4) — ``images`` (each entry as given, plus sorted
@@ -294,12 +298,13 @@ def captions_to_image_labels(
         (the stats) — and the stats.
     """
     categories = sorted(categories, key=lambda c: c["id"])
-    matcher = CaptionMatcher(categories, synonyms=synonyms)
+    matcher = CaptionMatcher([*categories, *unlabelled_categories], synonyms=synonyms)
+    vocabulary = {c["id"] for c in categories}
     per_class: collections.Counter[int] = collections.Counter()
     stats = CaptionLabelStats(images=len(images), ambiguous_forms=matcher.ambiguous_forms)
     out_images = []
     for image in images:
-        labels = matcher.match(*image["captions"])
+        labels = [i for i in matcher.match(*image["captions"]) if i in vocabulary]
         stats.captions += len(image["captions"])
         per_class.update(labels)
         if labels:
