@@ -120,3 +120,15 @@ def test_config_builds_and_runs_forward(path, embeddings):
     (result,) = model.predict([ImageSample(image=sample.image, image_id=1, orig_size=(64, 96))])
     assert len(result) <= cfg.TEST.DETECTIONS_PER_IMAGE
     assert result.pred_classes.max().item() < n if len(result) else True
+
+
+@pytest.mark.parametrize("path", [c for c in CONFIGS if "/shapes/" not in c])
+def test_config_datasets_are_catalogued(path, tmp_path, monkeypatch):
+    """Every dataset a COCO/LVIS config names is a catalogue entry; without the files, the error says how to make them."""
+    from ovd.data.catalog import get_dataset
+
+    monkeypatch.setenv("OVD_DATASETS", str(tmp_path))
+    cfg = load_config(path)
+    for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
+        with pytest.raises(FileNotFoundError, match=rf"{tmp_path}/\S+\.json"):
+            get_dataset(name)
