@@ -10,6 +10,8 @@ import argparse
 import io
 import json
 import logging
+import os
+import pickle
 import re
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from ovd.engine.checkpoint import CheckpointError, Checkpointer, load_model_stat
 from ovd.inference import Detector
 from ovd.inference.vocabulary import Vocabulary, parse_vocabulary, preset_vocabulary, resolve_templates
 from ovd.modeling.build import build_model
+from ovd.modeling.pretrained import UnsafePickleError, read_pretrained_resnet
 from ovd.pseudo_labels.miner import import_pseudo_boxes
 
 ERRORS_MD = Path(__file__).resolve().parents[1] / "docs" / "ERRORS.md"
@@ -406,6 +409,21 @@ CHECKPOINT_CASES = [
          CheckpointError, r"checkpoint <tmp>/model_0000009\.pth has no 'optimizer' state; cannot resume"),
 ]
 
+class _RunsCode:
+    """Unpickles into a shell command: what a tampered weights file would hold."""
+
+    def __reduce__(self):
+        return os.system, ("true",)
+
+
+BACKBONE_CASES = [
+    case("backbone-pickle-runs-code", lambda t: read_pretrained_resnet(
+        _write(t / "R-50.pkl", pickle.dumps({"conv1_w": _RunsCode()}, protocol=2))), UnsafePickleError,
+         r"MODEL\.BACKBONE\.WEIGHTS <tmp>/R-50\.pkl: refusing to unpickle the global posix\.system"),
+    case("backbone-unknown-file-kind", lambda t: read_pretrained_resnet(_write(t / "R-50.txt", "x")), ValueError,
+         r"MODEL\.BACKBONE\.WEIGHTS <tmp>/R-50\.txt: unknown kind of file; expected a torchvision state dict"),
+]
+
 VOCABULARY_CASES = [
     case("vocabulary-empty", lambda t: Vocabulary.of([]), ValueError,
          r"the vocabulary is empty: give at least one class name"),
@@ -426,7 +444,7 @@ VOCABULARY_CASES = [
 ]
 
 FILE_CASES = (CONFIG_CASES + DATASET_CASES + PROPOSAL_CASES + STORE_CASES + PSEUDO_BOX_CASES + TEXT_EMBEDDING_CASES
-              + CHECKPOINT_CASES + VOCABULARY_CASES)
+              + CHECKPOINT_CASES + BACKBONE_CASES + VOCABULARY_CASES)
 
 
 def _pattern(pattern: str, tmp: Path, weights: Path | None = None) -> str:

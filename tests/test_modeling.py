@@ -175,7 +175,7 @@ def test_predict_maps_to_original_size():
 
 def test_build_rejects_wrong_embedding_dim_and_features():
     cfg = load_config("configs/shapes/base.yaml", TINY_OVERRIDES)
-    with pytest.raises(ValueError, match="dimension 16.*ZEROSHOT_WEIGHT_DIM is 32"):
+    with pytest.raises(ValueError, match="given text embeddings are 16-d embeddings, but MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_DIM is 32"):
         build_model(cfg, text_embeds=torch.randn(4, 16))
     cfg = load_config("configs/shapes/base.yaml", TINY_OVERRIDES + ["MODEL.RPN.IN_FEATURES", "[res4]"])
     with pytest.raises(ValueError, match="res4.*does not produce"):

@@ -33,7 +33,9 @@ class ResNetConfig:
 class BackboneConfig:
     NAME: str = "resnet_c4"  # "resnet_c4" (res5 is the RoI head) or "resnet_fpn"
     FREEZE_AT: int = 2  # 0: train all; 1: freeze the stem; 2: stem and res2 (detectron2's meaning)
-    WEIGHTS: str = ""  # ImageNet weights of the backbone alone (torchvision state dict), applied before MODEL.WEIGHTS
+    # ImageNet weights of the backbone alone, applied before MODEL.WEIGHTS: detectron2's MSRA R-50.pkl (BGR, std 1,
+    # STRIDE_IN_1X1 true) or a torchvision resnet .pth (RGB, normalised, STRIDE_IN_1X1 false); ovd/modeling/pretrained.py
+    WEIGHTS: str = ""
 
 
 @dataclass

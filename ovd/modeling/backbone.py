@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Callable
 
-import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
@@ -184,14 +183,3 @@ def init_weights(module: nn.Module) -> None:
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-
-
-def read_torchvision_resnet_state(path: str) -> dict[str, Tensor]:
-    """ImageNet weights of a torchvision ResNet (a plain state-dict file), without the classifier ``fc``."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"MODEL.BACKBONE.WEIGHTS: file not found: {path}") from None
-    if not isinstance(state, dict) or "conv1.weight" not in state:
-        raise ValueError(f"MODEL.BACKBONE.WEIGHTS {path}: expected a torchvision ResNet state dict (conv1.weight, layer1.*...)")
-    return {k: v for k, v in state.items() if not k.startswith("fc.")}

@@ -10,11 +10,12 @@ from torch import Tensor
 
 from ovd.clip.text import load_text_embeddings
 from ovd.config import Config
-from ovd.modeling.backbone import Backbone, ResNet, init_weights, read_torchvision_resnet_state
+from ovd.modeling.backbone import Backbone, ResNet, init_weights
 from ovd.modeling.classifier import WeightTransferClassifier, ZeroShotClassifier
 from ovd.modeling.detector import OVDetector
 from ovd.modeling.mask_head import MaskHead
 from ovd.modeling.poolers import ROIPooler
+from ovd.modeling.pretrained import check_input_conventions, load_pretrained_resnet, read_pretrained_resnet
 from ovd.modeling.roi_heads import BoxPredictor, FCHead, Res5Head, ROIHeads
 from ovd.modeling.rpn import RPN, AnchorGenerator
 
@@ -47,13 +48,13 @@ def build_model(cfg: Config, *, text_embeds: Tensor | None = None, class_image_c
     if m.BACKBONE.NAME not in BACKBONES:
         raise ValueError(f"MODEL.BACKBONE.NAME: unknown backbone {m.BACKBONE.NAME!r}; expected one of {BACKBONES}")
     fpn = m.BACKBONE.NAME == "resnet_fpn"
+    source = "the given text embeddings are"
     if text_embeds is None:
         if not m.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH:
             raise ValueError("MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH is empty: the classifier needs text embeddings")
         text_embeds = torch.from_numpy(load_text_embeddings(m.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH).embeds)
+        source = f"MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH {m.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH} holds"
     if text_embeds.shape[1] != m.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_DIM:
-        source = f"MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH {m.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH} holds" \
-            if m.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH else "the text embeddings are"
         raise ValueError(f"{source} {text_embeds.shape[1]}-d embeddings, but MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_DIM "
                          f"is {m.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_DIM}")
     num_classes = text_embeds.shape[0]
@@ -176,26 +177,9 @@ def build_model(cfg: Config, *, text_embeds: Tensor | None = None, class_image_c
         size_divisibility=cfg.INPUT.SIZE_DIVISIBILITY,
     )
     if m.BACKBONE.WEIGHTS:
-        load_imagenet_backbone(model, m.BACKBONE.WEIGHTS)
+        weights = read_pretrained_resnet(m.BACKBONE.WEIGHTS)
+        check_input_conventions(weights, stride_in_1x1=r.STRIDE_IN_1X1, input_format=cfg.INPUT.FORMAT,
+                                pixel_mean=m.PIXEL_MEAN, pixel_std=m.PIXEL_STD)
+        load_pretrained_resnet(weights, body=body, res5=None if fpn else box_head.res5)
     body.freeze(m.BACKBONE.FREEZE_AT)
     return model
-
-
-def load_imagenet_backbone(model: OVDetector, path: str) -> None:
-    """torchvision ImageNet ResNet weights into the body (and, for C4, res5 of the RoI head)."""
-    state = read_torchvision_resnet_state(path)
-    body = model.backbone.body
-    targets = {k: v for k, v in body.state_dict().items()}
-    res5 = getattr(model.roi_heads.box_head, "res5", None)
-    if res5 is not None:
-        targets.update({f"layer4.{k}": v for k, v in res5.state_dict().items()})
-    missing = sorted(set(targets) - set(state))
-    bad = sorted(k for k in targets if k in state and state[k].shape != targets[k].shape)
-    if missing or bad:
-        raise ValueError(
-            f"MODEL.BACKBONE.WEIGHTS {path} does not fit MODEL.RESNETS: missing keys {missing[:8]}, "
-            f"shape mismatches {[(k, list(state[k].shape), list(targets[k].shape)) for k in bad[:8]]}"
-        )
-    body.load_state_dict({k: state[k] for k in body.state_dict()})
-    if res5 is not None:
-        res5.load_state_dict({k: state[f"layer4.{k}"] for k in res5.state_dict()})
