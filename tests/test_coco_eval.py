@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from pycocotools import mask as pycoco_mask
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -361,3 +362,69 @@ def test_load_coco_gt_names_the_file(tmp_path):
     path.write_text(json.dumps({"annotations": []}))
     with pytest.raises(ValueError, match="gt.json"):
         load_coco_gt(path)
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+@pytest.mark.parametrize(("seed", "iou_type"), [(0, "bbox"), (1, "bbox"), (2, "bbox"), (3, "segm"), (4, "segm")])
+def test_backends_match_pycocotools_cocoeval(tmp_path, backend, seed, iou_type):
+    """Random ground truth (with crowd boxes and a category without any) and random detections, per seed: every
+    number equals what pycocotools' COCOeval gives when called directly."""
+    rng = np.random.default_rng(seed)
+    categories = [1, 2, 3, 4, 5, 9]
+    boxes_per_image = {
+        image_id: [(int(rng.choice(categories[:5])), [*rng.uniform(0, 150, 2), *rng.uniform(10, 60, 2)])
+                   for _ in range(rng.integers(0, 7))]
+        for image_id in range(1, 16)
+    }
+    gt_path = _write_gt(tmp_path / "gt.json", boxes_per_image, categories, size=200, crowd={2, 11})
+    detections = []
+    for ann in read_json(gt_path)["annotations"]:
+        for _ in range(rng.integers(0, 4)):
+            x, y, w, h = np.asarray(ann["bbox"]) + rng.normal(0, 3, 4)
+            category = ann["category_id"] if rng.random() < 0.7 else int(rng.choice(categories))
+            detections.append({"image_id": ann["image_id"], "category_id": category,
+                               "bbox": [x, y, max(w, 1.0), max(h, 1.0)], "score": float(rng.uniform(0.2, 1))})
+    for image_id in boxes_per_image:
+        for _ in range(rng.integers(0, 110)):  # some images over the cap of 100
+            bbox = [*rng.uniform(0, 150, 2), *rng.uniform(3, 60, 2)]
+            detections.append({"image_id": image_id, "category_id": int(rng.choice(categories)), "bbox": bbox,
+                               "score": float(rng.uniform(0, 0.5))})
+    if iou_type == "segm":
+        for d in detections:  # masks that are not their boxes: a corner cut off
+            x, y, w, h = d["bbox"]
+            rle = pycoco_mask.merge(pycoco_mask.frPyObjects(
+                [[x, y, x + w, y, x + w, y + 0.7 * h, x + 0.7 * w, y + h, x, y + h]], 200, 200))
+            d["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+    novel = [2, 5]
+    results = evaluate_detections(gt_path, detections, novel_category_ids=novel, iou_type=iou_type, backend=backend)
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_path))
+        coco_eval = COCOeval(gt, gt.loadRes(copy.deepcopy(detections)), iou_type)
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+    precision = coco_eval.eval["precision"][:, :, :, 0, 2]  # area "all", 100 detections: [T, R, K]
+
+    def reference(t, cat_ids):
+        s = precision[t][:, :, [coco_eval.params.catIds.index(c) for c in cat_ids]]
+        return float(s[s > -1].mean()) if (s > -1).any() else math.nan
+
+    base = [c for c in categories if c not in novel]
+    expected = {"AP": reference(slice(None), categories), "AP50": reference([0], categories),
+                "AP75": reference([5], categories), "AP_novel": reference(slice(None), novel),
+                "AP50_novel": reference([0], novel), "AP_base": reference(slice(None), base),
+                "AP50_base": reference([0], base)}
+    assert 0.05 < expected["AP"] < 0.95
+    for key, value in expected.items():
+        assert results[key] == pytest.approx(value, abs=1e-4), key
+    for c in categories:
+        value = reference([0], [c])
+        assert math.isnan(results["per_category_AP50"][c]) if math.isnan(value) else (
+            results["per_category_AP50"][c] == pytest.approx(value, abs=1e-4)), c
+
+
+def test_unknown_backend_is_named(small_gt):
+    with pytest.raises(ValueError, match="backend must be one of .* got 'lvis'"):
+        evaluate_detections(small_gt, [], backend="lvis")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        COCOEvaluator(small_gt, backend="fast")

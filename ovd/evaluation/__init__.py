@@ -1,19 +1,34 @@
-"""Evaluators with open-vocabulary base/novel splits, on the reference toolkits (pycocotools)."""
+"""Evaluators with open-vocabulary base/novel splits, on the reference toolkits (pycocotools, faster-coco-eval's LVIS
+mode)."""
 
 from ovd.evaluation.coco_eval import (
     RESULTS_FILENAME,
     COCOEvaluator,
+    DetectionEvaluator,
     evaluate_detections,
     format_results_table,
     load_coco_gt,
 )
 from ovd.evaluation.distillation import distillation_fidelity
+from ovd.evaluation.lvis_eval import (
+    LVIS_RESULTS_FILENAME,
+    LVISEvaluator,
+    evaluate_lvis,
+    format_lvis_table,
+    load_lvis_gt,
+)
 
 __all__ = [
+    "LVIS_RESULTS_FILENAME",
     "RESULTS_FILENAME",
     "COCOEvaluator",
+    "DetectionEvaluator",
+    "LVISEvaluator",
     "distillation_fidelity",
     "evaluate_detections",
+    "evaluate_lvis",
+    "format_lvis_table",
     "format_results_table",
     "load_coco_gt",
+    "load_lvis_gt",
 ]
