@@ -13,7 +13,14 @@ from ovd.clip.text import TextEmbeddings, load_text_embeddings
 from ovd.config import Config
 from ovd.data.build import build_test_loader, load_dataset, open_region_store
 from ovd.data.datasets import DetectionDataset
-from ovd.evaluation import COCOEvaluator, distillation_fidelity, format_results_table
+from ovd.evaluation import (
+    COCOEvaluator,
+    DetectionEvaluator,
+    LVISEvaluator,
+    distillation_fidelity,
+    format_lvis_table,
+    format_results_table,
+)
 from ovd.modeling.detector import OVDetector
 from ovd.utils.comm import get_rank, get_world_size
 
@@ -37,11 +44,13 @@ def dataset_vocabulary(cfg: Config, dataset: DetectionDataset, *, train: bool) -
 
 @torch.no_grad()
 def evaluate_dataset(cfg: Config, model: OVDetector, dataset: DetectionDataset, output_dir: Path) -> dict:
-    """Run ``model`` on every image of ``dataset`` (split across workers) and return the COCO metrics."""
+    """Run ``model`` on every image of ``dataset`` (split across workers) and return its metrics: the COCO
+    open-vocabulary ones (novel/base/all), or LVIS's (APr/APc/APf) for a file whose categories carry a
+    ``frequency``. Box metrics under their names; with MODEL.MASK_ON, mask metrics too, as ``segm/<name>``."""
     rank, world = get_rank(), get_world_size()
     train_vocab = model.roi_heads.box_predictor.cls_score.text_embeds.clone()
     model.set_vocabulary(torch.from_numpy(dataset_vocabulary(cfg, dataset, train=False).embeds))
-    evaluator = COCOEvaluator(dataset.json_file, novel_category_ids=dataset.novel_category_ids, output_dir=output_dir)
+    evaluators = dataset_evaluators(cfg, dataset, output_dir)
     loader = build_test_loader(cfg, dataset, rank=rank, world_size=world)
     was_training = model.training
     model.eval()
@@ -50,17 +59,40 @@ def evaluate_dataset(cfg: Config, model: OVDetector, dataset: DetectionDataset, 
         for batch in loader:
             for sample, result in zip(batch, model.predict(batch)):
                 cats = torch.tensor(dataset.category_ids)[result.pred_classes.cpu()]
-                evaluator.add(sample.image_id, result.pred_boxes.cpu(), result.scores.cpu(), cats)
+                masks = result.pred_masks.cpu() if cfg.MODEL.MASK_ON else None
+                for evaluator in evaluators.values():
+                    evaluator.add(sample.image_id, result.pred_boxes.cpu(), result.scores.cpu(), cats, masks=masks)
                 n += 1
     finally:
         model.set_vocabulary(train_vocab)
         model.train(was_training)
     dt = time.perf_counter() - t0
     logger.info("inference on %s: %d images on this worker in %.1f s (%.1f ms/image)", dataset.name, n, dt, 1e3 * dt / max(n, 1))
-    results = evaluator.evaluate()
-    if rank == 0:
-        logger.info("\n%s", format_results_table(results, title=f"{dataset.name} (bbox)"))
+    results: dict[str, float] = {}
+    for iou_type, evaluator in evaluators.items():
+        metrics = evaluator.evaluate()
+        if rank == 0:
+            table = format_lvis_table if isinstance(evaluator, LVISEvaluator) else format_results_table
+            logger.info("\n%s", table(metrics, title=f"{dataset.name} ({iou_type})"))
+        prefix = "" if iou_type == "bbox" else f"{iou_type}/"
+        results.update({f"{prefix}{k}": v for k, v in metrics.items()})
     return results
+
+
+def dataset_evaluators(cfg: Config, dataset: DetectionDataset, output_dir: Path) -> dict[str, DetectionEvaluator]:
+    """One evaluator per IoU type ("bbox", and "segm" with MODEL.MASK_ON): LVIS's rules for a dataset whose
+    categories carry a ``frequency`` (LVIS v1), else COCO's with the dataset's novel classes. The first writes the
+    detections (masks included) to ``output_dir``."""
+    lvis = bool(dataset.categories) and all("frequency" in c for c in dataset.categories)
+    evaluators: dict[str, DetectionEvaluator] = {}
+    for iou_type in ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",):
+        out = output_dir if not evaluators else None
+        if lvis:
+            evaluators[iou_type] = LVISEvaluator(dataset.json_file, output_dir=out, iou_type=iou_type)
+        else:
+            evaluators[iou_type] = COCOEvaluator(dataset.json_file, novel_category_ids=dataset.novel_category_ids,
+                                                 output_dir=out, iou_type=iou_type)
+    return evaluators
 
 
 @torch.no_grad()
