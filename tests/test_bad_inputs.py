@@ -32,6 +32,7 @@ from ovd.data.mapper import DatasetMapper
 from ovd.data.proposals import load_proposals
 from ovd.data.region_store import RegionStore, RegionStoreWriter
 from ovd.engine.checkpoint import CheckpointError, Checkpointer, load_model_state, read_checkpoint
+from ovd.evaluation import LVISEvaluator, evaluate_lvis
 from ovd.inference import Detector
 from ovd.inference.vocabulary import Vocabulary, parse_vocabulary, preset_vocabulary, resolve_templates
 from ovd.modeling.build import build_model
@@ -409,6 +410,22 @@ CHECKPOINT_CASES = [
          CheckpointError, r"checkpoint <tmp>/model_0000009\.pth has no 'optimizer' state; cannot resume"),
 ]
 
+def _lvis_gt(t: Path, **category) -> Path:
+    """A one-image LVIS ground truth ``<tmp>/lvis.json`` with one category (``cube``, id 1)."""
+    image = {**IMAGE, "neg_category_ids": [], "not_exhaustive_category_ids": []}
+    return _json(t / "lvis.json", {"images": [image], "annotations": [{**_ann(), "area": 16.0}],
+                                   "categories": [{**CUBE, **category}]})
+
+
+EVALUATION_CASES = [
+    case("eval-lvis-gt-without-frequency", lambda t: LVISEvaluator(_lvis_gt(t)), ValueError,
+         r"LVIS ground-truth file <tmp>/lvis\.json is not an LVIS v1 file: category 1 \('cube'\) has no 'frequency'"),
+    case("eval-detection-unknown-category", lambda t: evaluate_lvis(_lvis_gt(t, frequency="f"), [
+        {"image_id": 1, "category_id": 9, "bbox": [1, 1, 4, 4], "score": 0.5}]), ValueError,
+         r"detections have category_id 9, not in the ground truth <tmp>/lvis\.json"),
+]
+
+
 class _RunsCode:
     """Unpickles into a shell command: what a tampered weights file would hold."""
 
@@ -444,7 +461,7 @@ VOCABULARY_CASES = [
 ]
 
 FILE_CASES = (CONFIG_CASES + DATASET_CASES + PROPOSAL_CASES + STORE_CASES + PSEUDO_BOX_CASES + TEXT_EMBEDDING_CASES
-              + CHECKPOINT_CASES + BACKBONE_CASES + VOCABULARY_CASES)
+              + CHECKPOINT_CASES + BACKBONE_CASES + EVALUATION_CASES + VOCABULARY_CASES)
 
 
 def _pattern(pattern: str, tmp: Path, weights: Path | None = None) -> str:
