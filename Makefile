@@ -25,6 +25,7 @@ bench: venv
 	$(PY) benchmarks/bench_inference.py
 	$(PY) benchmarks/bench_vocabulary.py
 	$(PY) benchmarks/bench_region_embeddings.py
+	$(PY) benchmarks/bench_eval.py --images 1000
 
 clean:
 	rm -rf output
