@@ -119,3 +119,19 @@ def oracle_world(tmp_path_factory):
     proposals = root / "proposals.json"
     make_oracle_proposals(root / "annotations" / "train_all.json", proposals, seed=0)
     return root, proposals
+
+
+@pytest.fixture(scope="session")
+def files(tmp_path_factory):
+    """A tiny detector on disk, shared read-only by the inference tests: toy CLIP folder, its text embeddings of the
+    16 shapes names and a random-init checkpoint (`inference_helpers.TinyDetectorFiles`)."""
+    from inference_helpers import make_tiny_detector_files
+
+    return make_tiny_detector_files(tmp_path_factory.mktemp("tiny_detector"))
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A private, empty text-embedding cache (OVD_CACHE) for one test."""
+    monkeypatch.setenv("OVD_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"

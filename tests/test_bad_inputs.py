@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from inference_helpers import CONFIG, make_tiny_detector_files
+from inference_helpers import CONFIG
 from tools_loader import load_tool
 from ovd.clip.text import load_templates, load_text_embeddings, save_text_embeddings
 from ovd.config import ConfigError, load_config
@@ -479,14 +479,8 @@ def test_bad_input_names_the_culprit(tmp_path, call, error, pattern):
 
 # ---- a trained detector given bad inputs -------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    return make_tiny_detector_files(tmp_path_factory.mktemp("bad_inputs"))
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("OVD_CACHE", str(tmp_path / "cache"))
+# `files` (a tiny trained-detector folder) and `cache` (a private OVD_CACHE) come from conftest.py
+pytestmark = pytest.mark.usefixtures("cache")
 
 
 def _detector(files, **kwargs) -> Detector:

@@ -12,18 +12,12 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from inference_helpers import CONFIG, make_tiny_detector_files
+from inference_helpers import CONFIG
 from tools_loader import TOOLS, load_tool
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    return make_tiny_detector_files(tmp_path_factory.mktemp("demo"))
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("OVD_CACHE", str(tmp_path / "cache"))
+# `files` (a tiny trained-detector folder) and `cache` (a private OVD_CACHE) come from conftest.py
+pytestmark = pytest.mark.usefixtures("cache")
 
 
 @pytest.fixture

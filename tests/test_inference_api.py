@@ -20,18 +20,11 @@ from ovd.inference import Detections, Detector, TextEncoder, Vocabulary, parse_v
 from ovd.modeling.build import build_model
 from ovd.modeling.classifier import FusedClassifier, WeightTransferClassifier, ZeroShotClassifier
 
-from inference_helpers import CONFIG, SHAPES_NAMES, make_tiny_detector_files
+from inference_helpers import CONFIG, SHAPES_NAMES
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    return make_tiny_detector_files(tmp_path_factory.mktemp("inference"))
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("OVD_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+# `files` (a tiny trained-detector folder) and `cache` (a private OVD_CACHE) come from conftest.py
+pytestmark = pytest.mark.usefixtures("cache")
 
 
 @pytest.fixture

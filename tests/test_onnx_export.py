@@ -11,7 +11,7 @@ pytest.importorskip("onnxruntime")
 from ovd.inference import Detector
 from ovd.inference.export import OnnxDetector, export_onnx
 
-from inference_helpers import CONFIG, make_tiny_detector_files
+from inference_helpers import CONFIG
 from tools_loader import load_tool
 
 # τ = 10 keeps the random model's sigmoid scores off 1.0, where ties would make the NMS order arbitrary
@@ -19,14 +19,8 @@ COOL = ["MODEL.ROI_BOX_HEAD.NORM_TEMP", "10"]
 SIZE = (180, 240)
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    return make_tiny_detector_files(tmp_path_factory.mktemp("onnx"))
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("OVD_CACHE", str(tmp_path / "cache"))
+# `files` (a tiny trained-detector folder) and `cache` (a private OVD_CACHE) come from conftest.py
+pytestmark = pytest.mark.usefixtures("cache")
 
 
 @pytest.fixture(scope="module")
