@@ -17,6 +17,7 @@ from ovd.evaluation.lvis_eval import (
     format_lvis_table,
     load_lvis_gt,
 )
+from ovd.evaluation.proposal_recall import format_recall_table, proposal_recall
 
 __all__ = [
     "LVIS_RESULTS_FILENAME",
