@@ -1,76 +1,42 @@
-"""Training curves from `metrics.jsonl`: every loss, the learning rate, and AP at the evaluation points, as one PNG.
+"""Figures of training runs, from their `metrics.jsonl` and `final_metrics.json` alone (nothing is re-run).
 
-    python tools/plot_metrics.py output/shapes/base [output/shapes/rkd ...] --out curves.png
+    python tools/plot_metrics.py --chain output/shapes                  # output/shapes/summary.png and curves.png
+    python tools/plot_metrics.py output/sweep/a output/sweep/b --out curves.png    # independent runs, overlaid
+
+--chain reads the chain's `chain_results.json`: summary.png has AP50 novel/base/all per stage (the oracle upper
+bound hatched), the pseudo-box precision and the proposal model's AR@20; curves.png puts the stages on one
+continuous iteration axis, each starting where the run whose weights it loads ended. Run folders given by name
+are drawn each from its own iteration 0. What cannot be read is printed as a note and written on the figure.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-from pathlib import Path
+import sys
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ovd.utils.io import atomic_path  # noqa: E402
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}:{n} is not a JSON line") from None
-    return rows
-
-
-def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
-    """One panel per loss, one for the learning rate, one for AP50 (novel/base/all) at evaluation points."""
-    runs = {Path(d).name: read_metrics(d) for d in run_dirs}
-    losses = sorted({k for rows in runs.values() for r in rows for k in r if k.startswith("loss") or k == "total_loss"})
-    ap_keys = sorted({k for rows in runs.values() for r in rows for k in r if k.split("/")[-1] in ("AP50", "AP50_novel", "AP50_base")})
-    panels = losses + ["lr"] + (["AP50"] if ap_keys else [])
-    cols = 3
-    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(5 * cols, 3.2 * math.ceil(len(panels) / cols)),
-                             squeeze=False)
-    for ax, key in zip(axes.flat, panels):
-        for name, rows in runs.items():
-            if key == "AP50":
-                for k in ap_keys:
-                    pts = [(r["iteration"], 100 * r[k]) for r in rows if k in r]
-                    if pts:
-                        ax.plot(*zip(*pts), marker="o", label=f"{name} {k.split('/')[-1]}")
-            else:
-                pts = [(r["iteration"], r[key]) for r in rows if key in r]
-                if pts:
-                    ax.plot(*zip(*pts), label=name, linewidth=1)
-        ax.set_title(key)
-        ax.set_xlabel("iteration")
-        if key.startswith("loss") and any(r.get(key, 1) > 0 for rows in runs.values() for r in rows):
-            ax.set_yscale("log")
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-    return Path(out)
+from ovd.utils.figures import curves_figure, load_runs, save_figure, write_chain_figures
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="run folders (OUTPUT_DIR) holding metrics.jsonl")
-    p.add_argument("--out", default="curves.png")
+    p.add_argument("runs", nargs="*", help="run folders (OUTPUT_DIR) holding metrics.jsonl")
+    p.add_argument("--chain", help="a chain's output folder (holding chain_results.json and one folder per stage)")
+    p.add_argument("--out", default="curves.png", help="the curves of the runs given by name")
     args = p.parse_args(argv)
-    print(plot_runs(args.runs, args.out))
+    if bool(args.chain) == bool(args.runs):
+        p.error("give either --chain FOLDER or run folders")
+    try:
+        if args.chain:
+            *written, notes = write_chain_figures(args.chain)
+        else:
+            chain = load_runs(args.runs)
+            written, notes = [save_figure(curves_figure(chain), args.out)], chain.notes
+    except FileNotFoundError as e:
+        sys.exit(f"plot_metrics: {e}")
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
+    for path in written:
+        print(path)
 
 
 if __name__ == "__main__":
