@@ -41,6 +41,9 @@ def test_every_directory_has_configs():
     for family, suffix in (("coco", "r50_c4"), ("lvis", "r50_fpn")):
         for stage in ("base", "rkd", "pis", "rkd_pis", "rkd_pis_wt", "rkd_pis_wt_8x"):
             assert f"configs/{family}/{stage}_{suffix}.yaml" in CONFIGS
+        assert f"configs/{family}/proposals_oln_r50_fpn.yaml" in CONFIGS
+    for kind in ("rpn", "oln"):
+        assert f"configs/shapes/proposals_{kind}.yaml" in CONFIGS
 
 
 @pytest.mark.parametrize("family,suffix,l1,irm", [("coco", "r50_c4", 0.15, 0.15), ("lvis", "r50_fpn", 0.25, 0.13)])
@@ -102,6 +105,9 @@ def test_config_builds_and_runs_forward(path, embeddings):
         cfg = load_config(path, overrides + ["MODEL.ROI_BOX_HEAD.CAT_FREQ_PATH", cat_info])
     torch.manual_seed(0)
     model = build_model(cfg)
+    if cfg.MODEL.META_ARCHITECTURE == "ProposalNetwork":
+        _check_proposal_model(model, cfg)
+        return
     assert model.roi_heads.box_predictor.cls_score.text_embeds.shape == (n, 512)
     model.train()
     sample = _box_sample(64, 96, n, masks=cfg.MODEL.MASK_ON, regions=cfg.MODEL.DISTILLATION, dim=512)
@@ -120,6 +126,21 @@ def test_config_builds_and_runs_forward(path, embeddings):
     (result,) = model.predict([ImageSample(image=sample.image, image_id=1, orig_size=(64, 96))])
     assert len(result) <= cfg.TEST.DETECTIONS_PER_IMAGE
     assert result.pred_classes.max().item() < n if len(result) else True
+
+
+def _check_proposal_model(model, cfg):
+    """A proposal model trains on a box batch with the losses of its kind and predicts scored boxes."""
+    model.train()
+    sample = _box_sample(64, 96, 2, masks=False, regions=False, dim=0)
+    losses = model([sample])
+    first = "loss_rpn_ctr" if cfg.MODEL.PROPOSAL_GENERATOR.NAME == "OLN" else "loss_rpn_cls"
+    second = "loss_box_iou" if cfg.MODEL.PROPOSAL_GENERATOR.NAME == "OLN" else "loss_objectness"
+    assert set(losses) == {first, "loss_rpn_loc", "loss_box_reg", second}
+    assert all(torch.isfinite(v) for v in losses.values())
+    model.eval()
+    (result,) = model.predict([ImageSample(image=sample.image, image_id=1, orig_size=(64, 96))])
+    assert 0 < len(result) <= cfg.TEST.DETECTIONS_PER_IMAGE
+    assert (result.scores[:-1] >= result.scores[1:]).all() and ((result.scores >= 0) & (result.scores <= 1)).all()
 
 
 @pytest.mark.parametrize("path", [c for c in CONFIGS if "/shapes/" not in c])

@@ -69,6 +69,18 @@ class RPNConfig:
 
 
 @dataclass
+class ProposalGeneratorConfig:
+    # "RPN": objectness classified (detectron2's RPN). "OLN": objectness as localisation quality (Kim et al., RA-L 2022):
+    # the RPN regresses the centerness of each anchor's centre in its matched box, never classifies (ovd/modeling/oln.py)
+    NAME: str = "RPN"
+    # MODEL.META_ARCHITECTURE ProposalNetwork only: a class-agnostic RoI stage refines the first stage's boxes and
+    # rescores them (RPN: an object/background classifier; OLN: the box's predicted IoU with its object)
+    REFINE_BOXES: bool = False
+    # Leak guard: a proposal model may not train on boxes of a class that a training or test dataset calls novel
+    ALLOW_NOVEL_BOXES: bool = False
+
+
+@dataclass
 class ROIHeadsConfig:
     IN_FEATURES: List[str] = _list("res4")
     BATCH_SIZE_PER_IMAGE: int = 512
@@ -114,6 +126,9 @@ class ROIMaskHeadConfig:
 
 @dataclass
 class ModelConfig:
+    # "GeneralizedRCNN": the open-vocabulary detector. "ProposalNetwork": a class-agnostic proposal model (backbone,
+    # MODEL.PROPOSAL_GENERATOR, optionally a RoI stage), trained on base boxes and evaluated by proposal recall
+    META_ARCHITECTURE: str = "GeneralizedRCNN"
     DEVICE: str = "auto"  # "auto" picks CUDA where available
     WEIGHTS: str = ""  # an `ovd` checkpoint, a bare state dict, or a detectron2-format checkpoint of the original code
     MASK_ON: bool = False  # class-agnostic mask head (Mask R-CNN, LVIS)
@@ -135,6 +150,7 @@ class ModelConfig:
     RESNETS: ResNetConfig = field(default_factory=ResNetConfig)
     FPN: FPNConfig = field(default_factory=FPNConfig)
     ANCHOR_GENERATOR: AnchorConfig = field(default_factory=AnchorConfig)
+    PROPOSAL_GENERATOR: ProposalGeneratorConfig = field(default_factory=ProposalGeneratorConfig)
     RPN: RPNConfig = field(default_factory=RPNConfig)
     ROI_HEADS: ROIHeadsConfig = field(default_factory=ROIHeadsConfig)
     ROI_BOX_HEAD: ROIBoxHeadConfig = field(default_factory=ROIBoxHeadConfig)

@@ -21,7 +21,10 @@ from ovd.evaluation import (
     format_lvis_table,
     format_results_table,
 )
-from ovd.modeling.detector import OVDetector
+from ovd.data.proposals import save_proposals
+from ovd.evaluation.proposal_recall import format_recall_table, proposal_recall
+from ovd.modeling.detector import ImageModel, OVDetector
+from ovd.modeling.proposal_network import ProposalNetwork
 from ovd.utils.comm import get_rank, get_world_size
 
 logger = logging.getLogger("ovd.eval")
@@ -138,12 +141,42 @@ def evaluate_distillation(cfg: Config, model: OVDetector, dataset: DetectionData
     return distillation_fidelity(torch.cat(student), torch.cat(teacher), vocab, torch.cat(classes), novel)
 
 
-def evaluate(cfg: Config, model: OVDetector) -> dict[str, dict]:
+@torch.no_grad()
+def evaluate_proposals(cfg: Config, model: ProposalNetwork, dataset: DetectionDataset, output_dir: Path) -> dict:
+    """Class-agnostic recall of ``model``'s proposals on ``dataset`` (AR@k and recall@0.5, for all, base and
+    novel boxes; `ovd.evaluation.proposal_recall`); the proposals are written to ``output_dir/proposals.json``."""
+    rank, world = get_rank(), get_world_size()
+    loader = build_test_loader(cfg, dataset, rank=rank, world_size=world)
+    was_training = model.training
+    model.eval()
+    found: dict[int, tuple] = {}
+    try:
+        for batch in loader:
+            for sample, result in zip(batch, model.predict(batch)):
+                found[sample.image_id] = (result.pred_boxes.cpu().numpy(), result.scores.cpu().numpy())
+    finally:
+        model.train(was_training)
+    if world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, found)
+        found = {k: v for g in gathered for k, v in g.items()}
+    metrics = proposal_recall(dataset, found)
+    if rank == 0:
+        save_proposals(output_dir / "proposals.json", found)
+        logger.info("\n%s", format_recall_table(metrics, title=f"{dataset.name} proposals"))
+    return metrics
+
+
+def evaluate(cfg: Config, model: ImageModel) -> dict[str, dict]:
     """Metrics per dataset of DATASETS.TEST; detections are written to OUTPUT_DIR/inference/<dataset>/. With
-    TEST.RKD_FEAT_PATH, the first dataset's results also hold the distillation fidelity (``fidelity/…``)."""
+    TEST.RKD_FEAT_PATH, the first dataset's results also hold the distillation fidelity (``fidelity/…``).
+    A proposal model is evaluated by its recall instead."""
     out = {}
     for i, name in enumerate(cfg.DATASETS.TEST):
         dataset = load_dataset(name)
+        if isinstance(model, ProposalNetwork):
+            out[name] = evaluate_proposals(cfg, model, dataset, Path(cfg.OUTPUT_DIR) / "inference" / name)
+            continue
         out[name] = evaluate_dataset(cfg, model, dataset, Path(cfg.OUTPUT_DIR) / "inference" / name)
         if i == 0 and cfg.TEST.RKD_FEAT_PATH:
             fidelity = evaluate_distillation(cfg, model, dataset)

@@ -13,12 +13,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ovd.config import Config, save_config
 from ovd.data.build import build_train_loader, load_train_datasets, open_region_store, train_ann_types
+from ovd.data.catalog import get_dataset
+from ovd.data.datasets import DetectionDataset
 from ovd.data.region_store import RegionStore
 from ovd.engine.checkpoint import Checkpointer, load_model_state, read_checkpoint
 from ovd.engine.evaluate import dataset_vocabulary, evaluate
 from ovd.engine.events import MetricsWriter
 from ovd.modeling.build import build_model
-from ovd.modeling.detector import OVDetector
+from ovd.modeling.detector import ImageModel, OVDetector
 from ovd.utils.comm import get_rank, get_world_size, is_main_process, reduce_mean, synchronize
 from ovd.utils.io import write_json
 
@@ -42,6 +44,9 @@ def loss_weights(cfg: Config) -> dict[str, float]:
     return {
         "loss_rpn_cls": cfg.MODEL.RPN.LOSS_WEIGHT,
         "loss_rpn_loc": cfg.MODEL.RPN.LOSS_WEIGHT,
+        "loss_rpn_ctr": cfg.MODEL.RPN.LOSS_WEIGHT,  # OLN's objectness
+        "loss_box_iou": 1.0,  # proposal models' RoI stage (OLN: predicted IoU; RPN: object vs background)
+        "loss_objectness": 1.0,
         "loss_cls": 1.0,
         "loss_box_reg": 1.0,
         "loss_mask": 1.0,
@@ -89,7 +94,49 @@ def region_stores(cfg: Config, datasets: list, *, teacher: str | None) -> list[R
     return stores
 
 
-def load_weights(model: OVDetector, path: str) -> None:
+def check_no_novel_boxes(cfg: Config, datasets: list[DetectionDataset]) -> None:
+    """The leak guard of proposal models: no training box may belong to a class that a training or test dataset
+    calls novel (MODEL.PROPOSAL_GENERATOR.ALLOW_NOVEL_BOXES lifts it, e.g. for an upper bound)."""
+    if cfg.MODEL.PROPOSAL_GENERATOR.ALLOW_NOVEL_BOXES:
+        return
+    novel = {cid for d in datasets for cid in d.novel_category_ids}
+    for name in cfg.DATASETS.TEST:
+        novel.update(get_dataset(name).novel_category_ids)
+    for dataset in datasets:
+        seen: dict[int, int] = {}
+        for r in dataset.records:
+            for cid in r.category_ids.tolist():
+                if cid in novel:
+                    seen[cid] = seen.get(cid, 0) + 1
+        if seen:
+            names = {c["id"]: c["name"] for c in dataset.categories}
+            listed = ", ".join(f"{names.get(c, c)!r} (id {c}, {n} boxes)" for c, n in sorted(seen.items()))
+            raise ValueError(
+                f"dataset {dataset.name} ({dataset.json_file}) has boxes of classes that are novel in "
+                f"{', '.join([*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST])}: {listed}. A proposal model trained on them "
+                "has seen the novel objects; train it on the base-class boxes only, or set "
+                "MODEL.PROPOSAL_GENERATOR.ALLOW_NOVEL_BOXES true for a labelled upper bound"
+            )
+
+
+def build_for_training(cfg: Config, datasets: list[DetectionDataset]) -> tuple[ImageModel, str | None]:
+    """The model to train and the CLIP model of its vocabulary (None for a proposal model, which has none):
+    the detector over the training vocabulary, classes without box-labelled images weighted 0."""
+    if cfg.MODEL.META_ARCHITECTURE == "ProposalNetwork":
+        if len(datasets) > 1 or train_ann_types(cfg) != ["box"] or cfg.MODEL.DISTILLATION:
+            raise ValueError("a proposal model (MODEL.META_ARCHITECTURE ProposalNetwork) trains on one box-labelled "
+                             "dataset, without MODEL.DISTILLATION")
+        check_no_novel_boxes(cfg, datasets)
+        torch.manual_seed(cfg.SEED)
+        return build_model(cfg), None
+    vocab = dataset_vocabulary(cfg, datasets[0], train=True)
+    counts = sum(d.class_image_counts() for d, ann in zip(datasets, train_ann_types(cfg)) if ann == "box")
+    torch.manual_seed(cfg.SEED)
+    model = build_model(cfg, text_embeds=torch.from_numpy(vocab.embeds), class_image_counts=torch.from_numpy(counts))
+    return model, vocab.meta.get("model")
+
+
+def load_weights(model: ImageModel, path: str) -> None:
     """Initialise from MODEL.WEIGHTS (an `ovd`, bare or detectron2-format checkpoint); parts the checkpoint lacks
     (e.g. the weight-transfer layers when starting from the RKD model) keep their initialisation."""
     missing = load_model_state(model, read_checkpoint(path)["model"], source=path, allow_missing=True)
@@ -135,12 +182,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         save_config(cfg, out_dir / "config.yaml")
 
     datasets = load_train_datasets(cfg)
-    dataset = datasets[0]
-    vocab = dataset_vocabulary(cfg, dataset, train=True)
-    # classes without training boxes (novel) get no classification loss: count box-labelled images only
-    counts = sum(d.class_image_counts() for d, ann in zip(datasets, train_ann_types(cfg)) if ann == "box")
-    torch.manual_seed(cfg.SEED)
-    model = build_model(cfg, text_embeds=torch.from_numpy(vocab.embeds), class_image_counts=torch.from_numpy(counts))
+    model, teacher = build_for_training(cfg, datasets)
     model.to(device)
     optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(cfg, it))
@@ -157,9 +199,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         # image-labelled batches leave the RPN (and the box regressor) without gradients
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       find_unused_parameters=len(datasets) > 1)
-    stores = region_stores(cfg, datasets, teacher=vocab.meta.get("model")) if cfg.MODEL.DISTILLATION else None
-    if cfg.TEST.RKD_FEAT_PATH:  # fail now, not after training, if the fidelity evaluation cannot run
-        open_region_store(cfg.TEST.RKD_FEAT_PATH, cfg, key="TEST.RKD_FEAT_PATH", expected_model=vocab.meta.get("model"))
+    stores = region_stores(cfg, datasets, teacher=teacher) if cfg.MODEL.DISTILLATION else None
+    if cfg.TEST.RKD_FEAT_PATH and isinstance(model, OVDetector):  # fail now, not after training, if it cannot run
+        open_region_store(cfg.TEST.RKD_FEAT_PATH, cfg, key="TEST.RKD_FEAT_PATH", expected_model=teacher)
     loader = build_train_loader(cfg, datasets, rank=rank, world_size=world, start_iter=start_iter, region_stores=stores)
     writer = MetricsWriter(out_dir, max_iter=max_iter, start_iter=start_iter) if is_main_process() else None
     weights = loss_weights(cfg)
@@ -269,9 +311,12 @@ def evaluate_only(cfg: Config) -> dict:
         raise ValueError("--eval-only needs MODEL.WEIGHTS (a checkpoint to evaluate)")
     device = select_device(cfg)
     data = read_checkpoint(cfg.MODEL.WEIGHTS)
-    text = data["model"].get("roi_heads.box_predictor.cls_score.text_embeds")
-    freq = data["model"].get("roi_heads.box_predictor.freq_weight")
-    model = build_model(cfg, text_embeds=text, class_image_counts=None if freq is None else freq**2)
+    if cfg.MODEL.META_ARCHITECTURE == "ProposalNetwork":
+        model = build_model(cfg)
+    else:
+        text = data["model"].get("roi_heads.box_predictor.cls_score.text_embeds")
+        freq = data["model"].get("roi_heads.box_predictor.freq_weight")
+        model = build_model(cfg, text_embeds=text, class_image_counts=None if freq is None else freq**2)
     load_model_state(model, data["model"], source=cfg.MODEL.WEIGHTS)
     model.to(device).eval()
     results = evaluate(cfg, model)

@@ -1,4 +1,5 @@
-"""`build_model`: the one place that reads the model config and wires the detector's parts."""
+"""The one place that reads the model config: `build_model` wires the parts that `build_backbone`,
+`build_proposal_generator`, `build_box_head` and `build_roi_heads` make, each from its own part of the config."""
 
 from __future__ import annotations
 
@@ -12,14 +13,18 @@ from ovd.clip.text import load_text_embeddings
 from ovd.config import Config
 from ovd.modeling.backbone import Backbone, ResNet, init_weights
 from ovd.modeling.classifier import WeightTransferClassifier, ZeroShotClassifier
-from ovd.modeling.detector import OVDetector
+from ovd.modeling.detector import ImageModel, OVDetector
 from ovd.modeling.mask_head import MaskHead
+from ovd.modeling.oln import OLNRPN
 from ovd.modeling.poolers import ROIPooler
+from ovd.modeling.proposal_network import BoxStage, ProposalNetwork
 from ovd.modeling.pretrained import check_input_conventions, load_pretrained_resnet, read_pretrained_resnet
 from ovd.modeling.roi_heads import BoxPredictor, FCHead, Res5Head, ROIHeads
 from ovd.modeling.rpn import RPN, AnchorGenerator
 
 BACKBONES = ("resnet_c4", "resnet_fpn")
+META_ARCHITECTURES = ("GeneralizedRCNN", "ProposalNetwork")
+PROPOSAL_GENERATORS = ("RPN", "OLN")
 
 
 def read_class_frequencies(path: str, num_classes: int) -> Tensor:
@@ -37,17 +42,155 @@ def read_class_frequencies(path: str, num_classes: int) -> Tensor:
     return counts**0.5
 
 
-def build_model(cfg: Config, *, text_embeds: Tensor | None = None, class_image_counts: Tensor | None = None) -> OVDetector:
-    """The detector of ``cfg``, on CPU, with random weights (no checkpoint is loaded here).
+def build_model(
+    cfg: Config, *, text_embeds: Tensor | None = None, class_image_counts: Tensor | None = None
+) -> OVDetector | ProposalNetwork:
+    """The model of ``cfg`` (MODEL.META_ARCHITECTURE), on CPU, with random weights (no checkpoint is loaded here).
 
-    text_embeds: Tensor[C, D] training vocabulary; default: read from MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH.
-    class_image_counts: Tensor[C] images per class in the training data (classes at 0 get no classification
-    loss); default: MODEL.ROI_BOX_HEAD.CAT_FREQ_PATH, or all ones.
+    For the detector: text_embeds: Tensor[C, D] training vocabulary; default: read from
+    MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH. class_image_counts: Tensor[C] images per class in the training data
+    (classes at 0 get no classification loss); default: MODEL.ROI_BOX_HEAD.CAT_FREQ_PATH, or all ones.
+    A proposal model ("ProposalNetwork") needs neither.
     """
     m = cfg.MODEL
-    if m.BACKBONE.NAME not in BACKBONES:
-        raise ValueError(f"MODEL.BACKBONE.NAME: unknown backbone {m.BACKBONE.NAME!r}; expected one of {BACKBONES}")
-    fpn = m.BACKBONE.NAME == "resnet_fpn"
+    if m.META_ARCHITECTURE not in META_ARCHITECTURES:
+        raise ValueError(f"MODEL.META_ARCHITECTURE: unknown model {m.META_ARCHITECTURE!r}; expected one of {META_ARCHITECTURES}")
+    backbone = build_backbone(cfg)
+    rpn = build_proposal_generator(cfg, backbone)
+    image = dict(pixel_mean=m.PIXEL_MEAN, pixel_std=m.PIXEL_STD, input_format=cfg.INPUT.FORMAT,
+                 size_divisibility=cfg.INPUT.SIZE_DIVISIBILITY)
+    model: ImageModel
+    if m.META_ARCHITECTURE == "ProposalNetwork":
+        box_stage = build_box_stage(cfg, backbone) if m.PROPOSAL_GENERATOR.REFINE_BOXES else None
+        model = ProposalNetwork(backbone=backbone, rpn=rpn, box_stage=box_stage,
+                                detections_per_image=cfg.TEST.DETECTIONS_PER_IMAGE, **image)
+        box_head = None if box_stage is None else box_stage.box_head
+    else:
+        roi_heads = build_roi_heads(cfg, backbone, text_embeds=text_embeds, class_image_counts=class_image_counts)
+        model = OVDetector(backbone=backbone, rpn=rpn, roi_heads=roi_heads, **image)
+        box_head = roi_heads.box_head
+    if m.BACKBONE.WEIGHTS:
+        r = m.RESNETS
+        weights = read_pretrained_resnet(m.BACKBONE.WEIGHTS)
+        check_input_conventions(weights, stride_in_1x1=r.STRIDE_IN_1X1, input_format=cfg.INPUT.FORMAT,
+                                pixel_mean=m.PIXEL_MEAN, pixel_std=m.PIXEL_STD)
+        load_pretrained_resnet(weights, body=backbone.body, res5=box_head.res5 if isinstance(box_head, Res5Head) else None)
+    backbone.body.freeze(m.BACKBONE.FREEZE_AT)
+    return model
+
+
+def _is_fpn(cfg: Config) -> bool:
+    if cfg.MODEL.BACKBONE.NAME not in BACKBONES:
+        raise ValueError(f"MODEL.BACKBONE.NAME: unknown backbone {cfg.MODEL.BACKBONE.NAME!r}; expected one of {BACKBONES}")
+    return cfg.MODEL.BACKBONE.NAME == "resnet_fpn"
+
+
+def build_backbone(cfg: Config) -> Backbone:
+    """MODEL.BACKBONE / RESNETS / FPN: a ResNet body (to res4 for C4, whose res5 is the box head; to res5 under an
+    FPN), randomly initialised; the RPN's and RoI heads' input features are checked against its outputs."""
+    m = cfg.MODEL
+    fpn = _is_fpn(cfg)
+    r = m.RESNETS
+    body_features = tuple(m.FPN.IN_FEATURES) if fpn else tuple(r.OUT_FEATURES)
+    body = ResNet(
+        depth=r.DEPTH,
+        norm=r.NORM,
+        stem_out_channels=r.STEM_OUT_CHANNELS,
+        res2_out_channels=r.RES2_OUT_CHANNELS,
+        width_per_group=r.WIDTH_PER_GROUP,
+        num_groups=r.NUM_GROUPS,
+        stride_in_1x1=r.STRIDE_IN_1X1,
+        out_features=body_features,
+        last_stage="res5" if fpn else "res4",
+    )
+    init_weights(body)
+    backbone = Backbone(body, m.FPN.OUT_CHANNELS if fpn else 0, body_features)
+    missing = [f for f in list(m.RPN.IN_FEATURES) + list(m.ROI_HEADS.IN_FEATURES) if f not in backbone.out_channels]
+    if missing:
+        raise ValueError(
+            f"MODEL.RPN.IN_FEATURES / MODEL.ROI_HEADS.IN_FEATURES name {missing}, which the backbone "
+            f"{m.BACKBONE.NAME} does not produce (it gives {list(backbone.out_channels)})"
+        )
+    return backbone
+
+
+def build_proposal_generator(cfg: Config, backbone: Backbone) -> RPN:
+    """MODEL.PROPOSAL_GENERATOR.NAME over MODEL.ANCHOR_GENERATOR and MODEL.RPN: detectron2's RPN, or OLN's
+    centerness RPN (`ovd.modeling.oln`)."""
+    m = cfg.MODEL
+    name = m.PROPOSAL_GENERATOR.NAME
+    if name not in PROPOSAL_GENERATORS:
+        raise ValueError(f"MODEL.PROPOSAL_GENERATOR.NAME: unknown proposal generator {name!r}; expected one of "
+                         f"{PROPOSAL_GENERATORS}")
+    rpn_in = list(m.RPN.IN_FEATURES)
+    anchors = AnchorGenerator(
+        sizes=m.ANCHOR_GENERATOR.SIZES,
+        aspect_ratios=m.ANCHOR_GENERATOR.ASPECT_RATIOS,
+        strides=[backbone.strides[f] for f in rpn_in],
+        offset=m.ANCHOR_GENERATOR.OFFSET,
+    )
+    return (OLNRPN if name == "OLN" else RPN)(
+        in_features=rpn_in,
+        in_channels=backbone.out_channels[rpn_in[0]],
+        anchor_generator=anchors,
+        pre_nms_topk=(m.RPN.PRE_NMS_TOPK_TRAIN, m.RPN.PRE_NMS_TOPK_TEST),
+        post_nms_topk=(m.RPN.POST_NMS_TOPK_TRAIN, m.RPN.POST_NMS_TOPK_TEST),
+        nms_thresh=m.RPN.NMS_THRESH,
+        min_size=m.RPN.MIN_SIZE,
+        batch_size_per_image=m.RPN.BATCH_SIZE_PER_IMAGE,
+        positive_fraction=m.RPN.POSITIVE_FRACTION,
+        iou_thresholds=tuple(m.RPN.IOU_THRESHOLDS),
+        bbox_reg_weights=tuple(m.RPN.BBOX_REG_WEIGHTS),
+        smooth_l1_beta=m.RPN.SMOOTH_L1_BETA,
+    )
+
+
+def build_box_head(cfg: Config, backbone: Backbone) -> tuple[ROIPooler, FCHead | Res5Head]:
+    """MODEL.ROI_BOX_HEAD's pooler over MODEL.ROI_HEADS.IN_FEATURES and the box head: FPN 2fc, or C4's res5."""
+    bh = cfg.MODEL.ROI_BOX_HEAD
+    roi_in = list(cfg.MODEL.ROI_HEADS.IN_FEATURES)
+    pooler = ROIPooler(
+        output_size=bh.POOLER_RESOLUTION,
+        strides=[backbone.strides[f] for f in roi_in],
+        sampling_ratio=bh.POOLER_SAMPLING_RATIO,
+        aligned=bh.POOLER_ALIGNED,
+    )
+    if _is_fpn(cfg):
+        return pooler, FCHead(in_channels=backbone.out_channels[roi_in[0]], resolution=bh.POOLER_RESOLUTION,
+                              num_fc=bh.NUM_FC, fc_dim=bh.FC_DIM)
+    body = backbone.body
+    res5 = body.build_stage(3, body.channels["res4"])
+    init_weights(res5)
+    return pooler, Res5Head(res5, body.res2_out_channels * 8)
+
+
+def build_box_stage(cfg: Config, backbone: Backbone) -> BoxStage:
+    """The proposal model's class-agnostic RoI stage: rescored by predicted IoU for OLN, by object vs background
+    for the RPN; sampling from MODEL.ROI_HEADS, NMS and the per-image cap from the test settings."""
+    m = cfg.MODEL
+    pooler, box_head = build_box_head(cfg, backbone)
+    return BoxStage(
+        in_features=list(m.ROI_HEADS.IN_FEATURES),
+        pooler=pooler,
+        box_head=box_head,
+        score="iou" if m.PROPOSAL_GENERATOR.NAME == "OLN" else "objectness",
+        batch_size_per_image=m.ROI_HEADS.BATCH_SIZE_PER_IMAGE,
+        positive_fraction=m.ROI_HEADS.POSITIVE_FRACTION,
+        iou_threshold=m.ROI_HEADS.IOU_THRESHOLD,
+        proposal_append_gt=m.ROI_HEADS.PROPOSAL_APPEND_GT,
+        bbox_reg_weights=tuple(m.ROI_BOX_HEAD.BBOX_REG_WEIGHTS),
+        smooth_l1_beta=m.ROI_BOX_HEAD.SMOOTH_L1_BETA,
+        nms_thresh=m.ROI_HEADS.NMS_THRESH_TEST,
+        detections_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+    )
+
+
+def build_roi_heads(
+    cfg: Config, backbone: Backbone, *, text_embeds: Tensor | None = None, class_image_counts: Tensor | None = None
+) -> ROIHeads:
+    """The detector's RoI heads: box head, open-vocabulary classifier (zero-shot or weight transfer) over the
+    training vocabulary, class-agnostic box regression, and the mask head with MODEL.MASK_ON (see `build_model`)."""
+    m = cfg.MODEL
     source = "the given text embeddings are"
     if text_embeds is None:
         if not m.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_PATH:
@@ -65,67 +208,9 @@ def build_model(cfg: Config, *, text_embeds: Tensor | None = None, class_image_c
     else:
         freq = torch.ones(num_classes)
 
-    r = m.RESNETS
-    body_features = tuple(cfg.MODEL.FPN.IN_FEATURES) if fpn else tuple(r.OUT_FEATURES)
-    body = ResNet(
-        depth=r.DEPTH,
-        norm=r.NORM,
-        stem_out_channels=r.STEM_OUT_CHANNELS,
-        res2_out_channels=r.RES2_OUT_CHANNELS,
-        width_per_group=r.WIDTH_PER_GROUP,
-        num_groups=r.NUM_GROUPS,
-        stride_in_1x1=r.STRIDE_IN_1X1,
-        out_features=body_features,
-        last_stage="res5" if fpn else "res4",
-    )
-    backbone = Backbone(body, cfg.MODEL.FPN.OUT_CHANNELS if fpn else 0, body_features)
-
-    rpn_in = list(m.RPN.IN_FEATURES)
-    missing = [f for f in rpn_in + list(m.ROI_HEADS.IN_FEATURES) if f not in backbone.out_channels]
-    if missing:
-        raise ValueError(
-            f"MODEL.RPN.IN_FEATURES / MODEL.ROI_HEADS.IN_FEATURES name {missing}, which the backbone "
-            f"{m.BACKBONE.NAME} does not produce (it gives {list(backbone.out_channels)})"
-        )
-    anchors = AnchorGenerator(
-        sizes=m.ANCHOR_GENERATOR.SIZES,
-        aspect_ratios=m.ANCHOR_GENERATOR.ASPECT_RATIOS,
-        strides=[backbone.strides[f] for f in rpn_in],
-        offset=m.ANCHOR_GENERATOR.OFFSET,
-    )
-    rpn = RPN(
-        in_features=rpn_in,
-        in_channels=backbone.out_channels[rpn_in[0]],
-        anchor_generator=anchors,
-        pre_nms_topk=(m.RPN.PRE_NMS_TOPK_TRAIN, m.RPN.PRE_NMS_TOPK_TEST),
-        post_nms_topk=(m.RPN.POST_NMS_TOPK_TRAIN, m.RPN.POST_NMS_TOPK_TEST),
-        nms_thresh=m.RPN.NMS_THRESH,
-        min_size=m.RPN.MIN_SIZE,
-        batch_size_per_image=m.RPN.BATCH_SIZE_PER_IMAGE,
-        positive_fraction=m.RPN.POSITIVE_FRACTION,
-        iou_thresholds=tuple(m.RPN.IOU_THRESHOLDS),
-        bbox_reg_weights=tuple(m.RPN.BBOX_REG_WEIGHTS),
-        smooth_l1_beta=m.RPN.SMOOTH_L1_BETA,
-    )
-
     bh = m.ROI_BOX_HEAD
     roi_in = list(m.ROI_HEADS.IN_FEATURES)
-    pooler = ROIPooler(
-        output_size=bh.POOLER_RESOLUTION,
-        strides=[backbone.strides[f] for f in roi_in],
-        sampling_ratio=bh.POOLER_SAMPLING_RATIO,
-        aligned=bh.POOLER_ALIGNED,
-    )
-    if fpn:
-        box_head = FCHead(
-            in_channels=backbone.out_channels[roi_in[0]], resolution=bh.POOLER_RESOLUTION, num_fc=bh.NUM_FC, fc_dim=bh.FC_DIM
-        )
-    else:
-        res5 = body.build_stage(3, body.channels["res4"])
-        box_head = Res5Head(res5, body.res2_out_channels * 8)
-    init_weights(backbone.body)
-    if not fpn:
-        init_weights(box_head)
+    pooler, box_head = build_box_head(cfg, backbone)
     classifier_cls = WeightTransferClassifier if bh.WEIGHT_TRANSFER else ZeroShotClassifier
     classifier = classifier_cls(
         in_dim=box_head.out_dim,
@@ -144,7 +229,7 @@ def build_model(cfg: Config, *, text_embeds: Tensor | None = None, class_image_c
             aligned=mh.POOLER_ALIGNED,
         )
         mask_head = MaskHead(in_channels=backbone.out_channels[roi_in[0]], conv_dim=mh.CONV_DIM, num_conv=mh.NUM_CONV)
-    roi_heads = ROIHeads(
+    return ROIHeads(
         in_features=roi_in,
         pooler=pooler,
         box_head=box_head,
@@ -167,19 +252,3 @@ def build_model(cfg: Config, *, text_embeds: Tensor | None = None, class_image_c
         mask_head=mask_head,
         irm_normalize=m.IRM_LOSS_NORMALIZE,
     )
-    model = OVDetector(
-        backbone=backbone,
-        rpn=rpn,
-        roi_heads=roi_heads,
-        pixel_mean=m.PIXEL_MEAN,
-        pixel_std=m.PIXEL_STD,
-        input_format=cfg.INPUT.FORMAT,
-        size_divisibility=cfg.INPUT.SIZE_DIVISIBILITY,
-    )
-    if m.BACKBONE.WEIGHTS:
-        weights = read_pretrained_resnet(m.BACKBONE.WEIGHTS)
-        check_input_conventions(weights, stride_in_1x1=r.STRIDE_IN_1X1, input_format=cfg.INPUT.FORMAT,
-                                pixel_mean=m.PIXEL_MEAN, pixel_std=m.PIXEL_STD)
-        load_pretrained_resnet(weights, body=body, res5=None if fpn else box_head.res5)
-    body.freeze(m.BACKBONE.FREEZE_AT)
-    return model

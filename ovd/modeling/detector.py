@@ -12,27 +12,19 @@ from ovd.modeling.rpn import RPN
 from ovd.structures import ImageSample, Instances
 
 
-class OVDetector(nn.Module):
-    """Faster R-CNN whose classifier is a vocabulary of text embeddings.
-
-    ``forward`` is the training step (it returns the dict of unweighted losses, so DDP can wrap it);
-    `predict` runs inference. Images arrive as uint8 in ``input_format`` channel order (see `ImageSample`);
-    normalisation and padding happen here.
-    """
+class ImageModel(nn.Module):
+    """What every model of ovd shares: uint8 images in ``input_format`` channel order (see `ImageSample`) are
+    normalised and padded into one batch here."""
 
     def __init__(
         self,
         *,
-        backbone: Backbone,
-        rpn: RPN,
-        roi_heads: ROIHeads,
         pixel_mean: list[float],
         pixel_std: list[float],
         input_format: str = "BGR",
         size_divisibility: int = 0,
     ) -> None:
         super().__init__()
-        self.backbone, self.rpn, self.roi_heads = backbone, rpn, roi_heads
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
         if input_format not in ("BGR", "RGB"):
@@ -57,6 +49,29 @@ class OVDetector(nn.Module):
         for b, img in zip(batch, images):
             b[:, : img.shape[-2], : img.shape[-1]].copy_(img)
         return batch, sizes
+
+
+class OVDetector(ImageModel):
+    """Faster R-CNN whose classifier is a vocabulary of text embeddings.
+
+    ``forward`` is the training step (it returns the dict of unweighted losses, so DDP can wrap it);
+    `predict` runs inference. Normalisation and padding happen in `ImageModel.preprocess`.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        rpn: RPN,
+        roi_heads: ROIHeads,
+        pixel_mean: list[float],
+        pixel_std: list[float],
+        input_format: str = "BGR",
+        size_divisibility: int = 0,
+    ) -> None:
+        super().__init__(pixel_mean=pixel_mean, pixel_std=pixel_std, input_format=input_format,
+                         size_divisibility=size_divisibility)
+        self.backbone, self.rpn, self.roi_heads = backbone, rpn, roi_heads
 
     def forward(self, samples: list[ImageSample]) -> dict[str, Tensor]:
         return self.forward_train(samples)
