@@ -96,7 +96,7 @@ def proposal_recall(
 def format_recall_table(metrics: Mapping[str, float], *, title: str = "") -> str:
     """Render :func:`proposal_recall`'s values for the novel / base / all classes as a fixed-width table, ×100 with
     one decimal, with the number of true boxes in the last row. A missing or NaN value shows as "-"."""
-    rows = [k for k in metrics if (k.startswith("AR@") or k.startswith("recall@")) and not k.endswith(("_base", "_novel"))]
+    rows = [k for k in metrics if k.startswith(("AR@", "recall@")) and not k.endswith(("_base", "_novel"))]
     width = max(len(r) for r in [*rows, "gt boxes"])
     lines = [title] if title else []
     lines.append(f"{'':<{width}}{'novel':>8}{'base':>8}{'all':>8}")
