@@ -35,7 +35,9 @@ def shortest_edge_size(h: int, w: int, short: int, max_size: int) -> tuple[int, 
     if max(newh, neww) > max_size:
         s = max_size / max(newh, neww)
         newh, neww = newh * s, neww * s
-    return int(newh + 0.5), int(neww + 0.5)
+    # under the long-side cap an extreme aspect ratio rounds the short side to 0 (where detectron2 fails): every
+    # side keeps at least one pixel, which leaves every other size as detectron2 computes it
+    return max(int(newh + 0.5), 1), max(int(neww + 0.5), 1)
 
 
 @dataclass
