@@ -28,8 +28,9 @@ from ovd.config import load_config
 from ovd.data.catalog import DatasetSpec
 from ovd.data.datasets import load_coco_json
 from ovd.data.shapes import make_shapes_world
-from ovd.engine.trainer import select_device
-from ovd.inference.proposal_generation import build_test_mapper, generate_proposals, meta_path
+from ovd.engine.setup import select_device
+from ovd.data.build import build_test_mapper
+from ovd.inference.proposal_generation import generate_proposals, meta_path
 from ovd.modeling.build import build_model
 
 

@@ -14,12 +14,11 @@ import torch
 
 from tools_loader import load_tool
 from ovd.config import load_config
-from ovd.data.build import load_dataset
+from ovd.data.build import build_test_mapper, load_dataset
 from ovd.data.proposals import load_proposals
 from ovd.evaluation import format_recall_table, proposal_recall
 from ovd.inference.proposal_generation import (
     build_proposal_model,
-    build_test_mapper,
     generate_proposals,
     meta_path,
     model_source,

@@ -23,16 +23,7 @@ from ovd.clip.arguments import add_clip_arguments, check_clip_arguments
 from ovd.data.catalog import get_dataset
 from ovd.data.region_extraction import extract_region_embeddings
 from ovd.data.region_store import merge_stores
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--shard must look like i/n, got {text!r}") from None
-    if not 0 <= i < n:
-        raise argparse.ArgumentTypeError(f"--shard i/n needs 0 <= i < n, got {text!r}")
-    return i, n
+from ovd.utils.cli import parse_shard
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

@@ -31,18 +31,18 @@ from ovd.data.build import load_dataset
 from ovd.data.catalog import DatasetSpec
 from ovd.data.datasets import load_coco_json
 from ovd.engine.checkpoint import CheckpointError
+from ovd.data.build import build_test_mapper
 from ovd.engine.setup import setup_logging
+from ovd.utils.cli import parse_shard
 from ovd.evaluation import format_recall_table
 from ovd.inference.proposal_generation import (
     GenerationSummary,
     build_proposal_model,
-    build_test_mapper,
     evaluate_proposal_file,
     generate_proposals,
     merge_proposal_shards,
     meta_path,
     model_source,
-    parse_shard,
     shard_records,
 )
 

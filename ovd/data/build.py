@@ -157,10 +157,9 @@ def build_train_loader(
     return _loader(MultiSourceDataset(sources), sampler, d.NUM_WORKERS)
 
 
-def build_test_loader(
-    cfg: Config, dataset: DetectionDataset, *, rank: int = 0, world_size: int = 1, region_store: RegionStore | None = None
-) -> DataLoader:
-    mapper = DatasetMapper(
+def build_test_mapper(cfg: Config, dataset: DetectionDataset, *, region_store: RegionStore | None = None) -> DatasetMapper:
+    """The test-time mapper of ``cfg``: INPUT.MIN/MAX_SIZE_TEST resize, INPUT.FORMAT, no flip."""
+    return DatasetMapper(
         is_train=False,
         min_sizes=[cfg.INPUT.MIN_SIZE_TEST],
         max_size=cfg.INPUT.MAX_SIZE_TEST,
@@ -169,6 +168,12 @@ def build_test_loader(
         region_store=region_store,
         num_regions=cfg.MODEL.NUM_DISTIL_PROP,
     )
+
+
+def build_test_loader(
+    cfg: Config, dataset: DetectionDataset, *, rank: int = 0, world_size: int = 1, region_store: RegionStore | None = None
+) -> DataLoader:
+    mapper = build_test_mapper(cfg, dataset, region_store=region_store)
     sampler = InferenceBatchSampler(len(dataset), batch_size=cfg.TEST.IMS_PER_BATCH, rank=rank, world_size=world_size)
     return _loader(MappedDataset(dataset, mapper), sampler, cfg.DATALOADER.NUM_WORKERS)
 

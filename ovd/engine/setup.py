@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ovd.config import Config
-from ovd.utils.comm import get_rank
+from ovd.utils.comm import get_rank, get_world_size
 
 
 def use_cuda(cfg: Config) -> bool:
@@ -33,3 +33,15 @@ def setup_logging(output_dir: str | None = None, level: int = logging.INFO) -> N
         fh = logging.FileHandler(Path(output_dir) / "log.txt")
         fh.setFormatter(fmt)
         root.addHandler(fh)
+
+
+def select_device(cfg: Config) -> torch.device:
+    name = cfg.MODEL.DEVICE
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"MODEL.DEVICE={cfg.MODEL.DEVICE} but CUDA is not available; use MODEL.DEVICE cpu")
+        if get_world_size() > 1:
+            return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(name)

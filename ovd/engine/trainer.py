@@ -19,24 +19,13 @@ from ovd.data.region_store import RegionStore
 from ovd.engine.checkpoint import Checkpointer, load_model_state, read_checkpoint
 from ovd.engine.evaluate import dataset_vocabulary, evaluate
 from ovd.engine.events import MetricsWriter
+from ovd.engine.setup import select_device
 from ovd.modeling.build import build_model
 from ovd.modeling.detector import ImageModel, OVDetector
 from ovd.utils.comm import get_rank, get_world_size, is_main_process, reduce_mean, synchronize
 from ovd.utils.io import write_json
 
 logger = logging.getLogger("ovd.train")
-
-
-def select_device(cfg: Config) -> torch.device:
-    name = cfg.MODEL.DEVICE
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"MODEL.DEVICE={cfg.MODEL.DEVICE} but CUDA is not available; use MODEL.DEVICE cpu")
-        if get_world_size() > 1:
-            return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(name)
 
 
 def loss_weights(cfg: Config) -> dict[str, float]:

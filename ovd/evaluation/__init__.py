@@ -32,4 +32,6 @@ __all__ = [
     "format_results_table",
     "load_coco_gt",
     "load_lvis_gt",
+    "format_recall_table",
+    "proposal_recall",
 ]

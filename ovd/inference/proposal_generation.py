@@ -36,7 +36,7 @@ from ovd.data.datasets import DetectionDataset, ImageRecord
 from ovd.data.mapper import DatasetMapper
 from ovd.data.proposals import Proposals, load_proposals, save_proposals
 from ovd.engine.checkpoint import load_model_state, read_checkpoint
-from ovd.engine.trainer import select_device
+from ovd.engine.setup import select_device
 from ovd.evaluation.proposal_recall import proposal_recall
 from ovd.modeling.build import build_model
 from ovd.modeling.proposal_network import ProposalNetwork
@@ -47,12 +47,10 @@ __all__ = [
     "GenerationSummary",
     "SkippedImage",
     "build_proposal_model",
-    "build_test_mapper",
     "evaluate_proposal_file",
     "generate_proposals",
     "merge_proposal_shards",
     "meta_path",
-    "parse_shard",
     "shard_records",
 ]
 
@@ -98,17 +96,6 @@ class GenerationSummary:
         return "\n".join(f"  {k:25s} {v:.1f}" if isinstance(v, float) else f"  {k:25s} {v}" for k, v in rows.items())
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"i/n"`` → ``(i, n)`` with ``0 <= i < n``; an argparse type (its errors are argparse's)."""
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--shard must look like i/n, got {text!r}") from None
-    if not 0 <= i < n:
-        raise argparse.ArgumentTypeError(f"--shard i/n needs 0 <= i < n, got {text!r}")
-    return i, n
-
-
 def build_proposal_model(cfg: Config, weights: str | os.PathLike) -> ProposalNetwork:
     """The proposal model of ``cfg`` with ``weights``, on MODEL.DEVICE, in eval mode.
 
@@ -124,12 +111,6 @@ def build_proposal_model(cfg: Config, weights: str | os.PathLike) -> ProposalNet
     model = build_model(cfg)
     load_model_state(model, state, source=str(weights))
     return model.to(select_device(cfg)).eval()
-
-
-def build_test_mapper(cfg: Config, dataset: DetectionDataset) -> DatasetMapper:
-    """The test-time image mapper of ``cfg`` (INPUT.MIN/MAX_SIZE_TEST, INPUT.FORMAT), as the evaluation loader's."""
-    return DatasetMapper(is_train=False, min_sizes=[cfg.INPUT.MIN_SIZE_TEST], max_size=cfg.INPUT.MAX_SIZE_TEST,
-                         input_format=cfg.INPUT.FORMAT, category_ids=dataset.category_ids)
 
 
 def model_source(cfg: Config, config_file: str | os.PathLike, weights: str | os.PathLike) -> dict[str, str]:
@@ -194,7 +175,7 @@ def generate_proposals(
         model: a proposal model in eval mode (:func:`build_proposal_model`).
         dataset: the images (boxes not used).
         out: the proposals file; its sidecar and ``<out>.parts/`` go beside it.
-        mapper: record → model input (:func:`build_test_mapper`); raises OSError/ValueError for an unreadable image.
+        mapper: record → model input (:func:`ovd.data.build.build_test_mapper`); raises OSError/ValueError for an unreadable image.
         source: what made the model (:func:`model_source`), part of the run's settings.
         batch_size: images per forward pass; batches never cross a chunk.
         chunk_size: images per resumable chunk; shards and the run they are merged into must use the same.
