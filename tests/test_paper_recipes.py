@@ -37,9 +37,9 @@ DEVIATIONS = {
     "TEST.EVAL_PERIOD": lambda ours, original: original == 0,  # evaluating along the way, not at the end only
     "SOLVER.CHECKPOINT_PERIOD": lambda ours, original: ours > 0,  # when checkpoints are written
 }
-# How ovd's DATALOADER.DATASET_RATIO counts: each *batch* comes from one source in this ratio (ovd/data/samplers.py);
-# the original's MultiDatasetSampler draws *images* in this ratio and fills each source's batches from them.
-OURS_RATIO_COUNTS = "batch"
+# How DATALOADER.DATASET_RATIO counts, in ovd (ovd/data/samplers.py) as in the original's MultiDatasetSampler: the
+# sources supply *images* in this ratio, grouped into per-source batches.
+OURS_RATIO_COUNTS = "image"
 
 
 def _flat(node, prefix=""):
@@ -209,12 +209,7 @@ def test_settings_match_the_original(path):
 MULTI_SOURCE = sorted(p for p, r in RECIPES.items() if SHARES in r["compared"])
 
 
-@pytest.mark.parametrize("path", [
-    pytest.param(p, marks=pytest.mark.xfail(
-        strict=True, reason="ovd's DATASET_RATIO counts batches, the original's counts images: 1:4 images at 2 vs 8 "
-                            "per batch is 1:1 batches there, 1:4 here (datasets/README.md, The paper's recipes)"))
-    for p in MULTI_SOURCE
-])
+@pytest.mark.parametrize("path", MULTI_SOURCE)
 def test_batch_shares_match_the_original(path):
     ours, original = _ours(path), _original(path)
     sources = len(original["DATASETS.TRAIN"])

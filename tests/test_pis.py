@@ -51,7 +51,10 @@ def test_multi_source_ratio_single_source_batches_and_resume():
     sources = [{k for k, _, _ in b} for b in batches]
     assert all(len(s) == 1 for s in sources)  # every batch from one source
     counts = Counter(next(iter(s)) for s in sources)
-    assert counts[1] / len(batches) == pytest.approx(0.8, abs=0.03)
+    # images 1:4 at 2 and 8 per batch (the original's meaning): one batch of each, images in ratio 1:4
+    assert counts[1] / len(batches) == pytest.approx(0.5, abs=0.03)
+    images = Counter(k for b in batches for k, _, _ in b)
+    assert images[1] / images[0] == pytest.approx(4.0, rel=0.1)
     assert all(len(b) == (2 if b[0][0] == 0 else 8) for b in batches)
     resumed = [b for _, b in zip(range(50), iter(MultiSourceBatchSampler([10, 30], ratios=[1, 4], batch_sizes=[2, 8],
                                                                           seed=5, start_iter=1000)))]

@@ -93,8 +93,11 @@ class InferenceBatchSampler(Sampler):
 
 
 class MultiSourceBatchSampler(Sampler):
-    """Batches from several datasets, each batch from one source, chosen at random in proportion to ``ratios``
-    (the paper mixes box- and image-labelled batches 1:4). Yields lists of ``(source, index, augmentation_seed)``.
+    """Batches from several datasets, each batch from one source, so that the sources supply *images* in
+    proportion to ``ratios`` — the original code's meaning (Detic's multi-dataset sampler draws images by ratio and
+    groups them into per-source batches): a batch comes from source k with probability ∝ ratio_k / batch_size_k.
+    The paper's 1:4 with 2 and 8 images per batch is one box batch per image-labelled batch.
+    Yields lists of ``(source, index, augmentation_seed)``.
 
     The source of iteration ``i`` is the ``i``-th draw of a generator seeded by ``seed``, identical on every rank
     (all workers run the same kind of batch, so DDP sees the same losses); each source keeps its own endless
@@ -127,7 +130,10 @@ class MultiSourceBatchSampler(Sampler):
                                  world_size=world_size, repeat_factors=f)
             for k, (n, b, f) in enumerate(zip(sizes, batch_sizes, factors))
         ]
-        self.cum = np.cumsum(np.asarray(ratios, dtype=np.float64) / sum(ratios))
+        if any(b <= 0 for b in batch_sizes):
+            raise ValueError(f"DATALOADER.DATASET_BS must be positive, got {batch_sizes}")
+        per_batch = np.asarray(ratios, dtype=np.float64) / np.asarray(batch_sizes, dtype=np.float64)
+        self.cum = np.cumsum(per_batch / per_batch.sum())
         self.seed, self.start_iter = seed, start_iter
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
