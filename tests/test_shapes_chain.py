@@ -1,5 +1,6 @@
 """The whole chain at CI size: every stage runs and hands its output to the next; a second run skips them."""
 
+import json
 import math
 
 import pytest
@@ -24,10 +25,20 @@ def test_chain_runs_every_stage_and_skips_when_done(tmp_path, monkeypatch, capsy
     assert list(results) == ["base", "rkd", "rkd_pis_wt"]
     for stage, r in results.items():
         assert all(0.0 <= r[k] <= 1.0 for k in ("AP50", "AP50_base", "AP50_novel")), stage
-        assert math.isfinite(r["fidelity/cosine_novel"])
-    assert (out / "curves.png").is_file()
+        # at CI size the 3-iteration proposal model may put no val region on a novel object (NaN then)
+        assert "fidelity/cosine_novel" in r and math.isfinite(r["fidelity/cosine_base"]) or r["fidelity/regions_base"] == 0
+    assert (out / "curves.png").is_file() and (out / "summary.png").is_file()
     first = capsys.readouterr().out
-    assert first.count("tools/train_net.py") == 3 and "pseudo boxes: precision" in first
+    # the proposal model (base boxes only) and the three stages; its proposals feed regions and pseudo boxes
+    assert first.count("tools/train_net.py") == 4 and "configs/shapes/proposals_oln.yaml" in first
+    assert "tools/generate_proposals.py" in first and "make_oracle_proposals" not in first
+    assert "pseudo boxes: precision" in first and "proposals (oln) on shapes_val: AR@20 novel" in first
+    manifest = json.loads((out / "chain_results.json").read_text())
+    assert list(manifest["stages"]) == ["proposals_oln", "base", "rkd", "rkd_pis_wt"]
+    assert [manifest["stages"][s]["init_from"] for s in ("base", "rkd", "rkd_pis_wt")] == [None, "base", "rkd"]
+    assert manifest["results"]["rkd"] == results["rkd"]
+    assert 0 <= manifest["proposal_recall"]["oln"]["AR@20_novel"] <= 1
+    assert (out / "summary.txt").read_text().strip() == manifest["table"]
     stamp = (out / "rkd" / "model_final.pth").stat().st_mtime_ns
     chain.main(args)
     second = capsys.readouterr().out
