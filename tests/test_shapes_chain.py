@@ -8,6 +8,7 @@ import pytest
 from tools_loader import load_tool
 
 chain = load_tool("run_shapes_chain")
+check = load_tool("check_readme_results")
 
 TINY = ["SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "[]", "SOLVER.CHECKPOINT_PERIOD", "0",
         "MODEL.RESNETS.STEM_OUT_CHANNELS", "16", "MODEL.RESNETS.RES2_OUT_CHANNELS", "16", "MODEL.FPN.OUT_CHANNELS", "32",
@@ -39,6 +40,17 @@ def test_chain_runs_every_stage_and_skips_when_done(tmp_path, monkeypatch, capsy
     assert manifest["results"]["rkd"] == results["rkd"]
     assert 0 <= manifest["proposal_recall"]["oln"]["AR@20_novel"] <= 1
     assert (out / "summary.txt").read_text().strip() == manifest["table"]
+    # README's table is checked against the run: written once, it passes; one digit off, it fails
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{check.BEGIN}\nold\n{check.END}\nrest\n")
+    results = ["--results", str(out / "chain_results.json"), "--readme", str(readme)]
+    assert check.main(results) == 1
+    assert check.main(results + ["--write"]) == 0 and check.main(results) == 0
+    text = readme.read_text()
+    row = f"| rkd | {100 * manifest['results']['rkd']['AP50_novel']:.1f} |"
+    assert row in text and text.endswith(f"{check.END}\nrest\n")
+    readme.write_text(text.replace(row, "| rkd | 99.9 |"))
+    assert check.main(results) == 1
     stamp = (out / "rkd" / "model_final.pth").stat().st_mtime_ns
     chain.main(args)
     second = capsys.readouterr().out

@@ -23,7 +23,7 @@ from ovd.clip.arguments import add_clip_arguments, check_clip_arguments
 from ovd.data.catalog import get_dataset
 from ovd.data.region_extraction import extract_region_embeddings
 from ovd.data.region_store import merge_stores
-from ovd.utils.cli import parse_shard
+from ovd.utils.cli import parse_merge_args, parse_shard
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -55,20 +55,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def parse_merge_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="extract_region_embeddings.py merge",
-                                     description="Join the stores of all --shard i/n runs into one store.")
-    parser.add_argument("shards", nargs="+", help="shard store folders")
-    parser.add_argument("--out", required=True, help="merged store folder")
-    parser.add_argument("--overwrite", action="store_true")
-    return parser.parse_args(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if argv[:1] == ["merge"]:
-        args = parse_merge_args(argv[1:])
+        args = parse_merge_args(argv[1:], prog="extract_region_embeddings.py", what="region stores")
         store = merge_stores(args.shards, args.out, overwrite=args.overwrite)
         print(f"merged {len(args.shards)} shards: {len(store)} images, {store.num_regions} regions -> {store.path}")
         return

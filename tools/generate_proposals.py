@@ -33,7 +33,7 @@ from ovd.data.datasets import load_coco_json
 from ovd.engine.checkpoint import CheckpointError
 from ovd.data.build import build_test_mapper
 from ovd.engine.setup import setup_logging
-from ovd.utils.cli import parse_shard
+from ovd.utils.cli import parse_merge_args, parse_shard
 from ovd.evaluation import format_recall_table
 from ovd.inference.proposal_generation import (
     GenerationSummary,
@@ -77,20 +77,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def parse_merge_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="generate_proposals.py merge",
-                                description="Join the files of all --shard i/n runs into one proposals file.")
-    p.add_argument("shards", nargs="+", help="shard proposals files")
-    p.add_argument("--out", required=True, help="merged proposals file")
-    p.add_argument("--overwrite", action="store_true")
-    return p.parse_args(argv)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging()
     if argv[:1] == ["merge"]:
-        args = parse_merge_args(argv[1:])
+        args = parse_merge_args(argv[1:], prog="generate_proposals.py", what="proposals files")
         try:
             summary = merge_proposal_shards(args.shards, args.out, overwrite=args.overwrite)
         except BAD_INPUT as e:
