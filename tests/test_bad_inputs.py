@@ -31,6 +31,7 @@ from ovd.data.datasets import load_coco_json, load_image_labels
 from ovd.data.mapper import DatasetMapper
 from ovd.data.proposals import load_proposals
 from ovd.data.region_store import RegionStore, RegionStoreWriter
+from ovd.engine.trainer import check_no_novel_boxes
 from ovd.engine.checkpoint import CheckpointError, Checkpointer, load_model_state, read_checkpoint
 from ovd.evaluation import LVISEvaluator, evaluate_lvis
 from ovd.inference import Detector
@@ -277,6 +278,17 @@ PROPOSAL_CASES = [
          ValueError, r"proposals file <tmp>/p\.json: entry 0 \(.*nan.*\) has a non-finite bbox or score"),
     case("proposals-not-a-list", lambda t: load_proposals(_json(t / "p.json", {"1": [[0, 0, 2, 2]]})), ValueError,
          r"proposals file <tmp>/p\.json must hold a JSON list of \{image_id, bbox, score\}, got dict"),
+    case("proposal-model-novel-boxes", lambda t: check_no_novel_boxes(
+        load_config("configs/shapes/proposals_oln.yaml", ["DATASETS.TEST", "[]"]),
+        [load_coco_json(_coco(t, annotations=[_ann()], novel=[1]))]),
+         ValueError, r"dataset ann \(<tmp>/ann\.json\) has boxes of classes that are novel in .*'cube' \(id 1, 1 boxes\)"
+                     r".*MODEL\.PROPOSAL_GENERATOR\.ALLOW_NOVEL_BOXES true"),
+    case("proposal-generator-unknown", lambda t: build_model(
+        load_config("configs/shapes/proposals_oln.yaml", ["MODEL.PROPOSAL_GENERATOR.NAME", "MAVL"])),
+         ValueError, r"MODEL\.PROPOSAL_GENERATOR\.NAME: unknown proposal generator 'MAVL'; expected one of \('RPN', 'OLN'\)"),
+    case("model-meta-architecture-unknown", lambda t: build_model(
+        load_config("configs/shapes/proposals_oln.yaml", ["MODEL.META_ARCHITECTURE", "OLN"])),
+         ValueError, r"MODEL\.META_ARCHITECTURE: unknown model 'OLN'; expected one of \('GeneralizedRCNN', 'ProposalNetwork'\)"),
 ]
 
 STORE_CASES = [
