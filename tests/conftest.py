@@ -1,4 +1,4 @@
-"""Shared test set-up: offline hub, one thread, a tiny shapes world, the parity fixtures."""
+"""Shared test set-up: offline hub, one thread, a tiny shapes world, the parity fixtures' folder."""
 
 import os
 
@@ -12,13 +12,10 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def parity_fixtures_dir():
-    """The recorded detectron2 outputs (DESIGN §7); tests skip with a reason where they are absent."""
-    from pathlib import Path
+    """The recorded detectron2 outputs (DESIGN §7): tests/fixtures, or $OVD_PARITY_FIXTURES."""
+    from detectron2_fixtures import fixtures_root
 
-    root = Path(os.environ.get("OVD_PARITY_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures"))
-    if not root.is_dir():
-        pytest.skip(f"parity fixtures not found at {root} (set OVD_PARITY_FIXTURES)")
-    return root
+    return fixtures_root()
 
 
 TINY_OVERRIDES = [
