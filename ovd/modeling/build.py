@@ -57,18 +57,23 @@ def build_model(
         raise ValueError(f"MODEL.META_ARCHITECTURE: unknown model {m.META_ARCHITECTURE!r}; expected one of {META_ARCHITECTURES}")
     backbone = build_backbone(cfg)
     rpn = build_proposal_generator(cfg, backbone)
+    pooler, box_head = build_box_head(cfg, backbone)
+    # the ResNet parts are initialised here, after the RPN and box head exist: the order of the random draws, so a
+    # seed gives the weights it always gave
+    init_weights(backbone.body)
+    if isinstance(box_head, Res5Head):
+        init_weights(box_head)
     image = dict(pixel_mean=m.PIXEL_MEAN, pixel_std=m.PIXEL_STD, input_format=cfg.INPUT.FORMAT,
                  size_divisibility=cfg.INPUT.SIZE_DIVISIBILITY)
     model: ImageModel
     if m.META_ARCHITECTURE == "ProposalNetwork":
-        box_stage = build_box_stage(cfg, backbone) if m.PROPOSAL_GENERATOR.REFINE_BOXES else None
+        box_stage = build_box_stage(cfg, pooler, box_head) if m.PROPOSAL_GENERATOR.REFINE_BOXES else None
         model = ProposalNetwork(backbone=backbone, rpn=rpn, box_stage=box_stage,
                                 detections_per_image=cfg.TEST.DETECTIONS_PER_IMAGE, **image)
-        box_head = None if box_stage is None else box_stage.box_head
     else:
-        roi_heads = build_roi_heads(cfg, backbone, text_embeds=text_embeds, class_image_counts=class_image_counts)
+        roi_heads = build_roi_heads(cfg, backbone, pooler, box_head, text_embeds=text_embeds,
+                                    class_image_counts=class_image_counts)
         model = OVDetector(backbone=backbone, rpn=rpn, roi_heads=roi_heads, **image)
-        box_head = roi_heads.box_head
     if m.BACKBONE.WEIGHTS:
         r = m.RESNETS
         weights = read_pretrained_resnet(m.BACKBONE.WEIGHTS)
@@ -87,7 +92,8 @@ def _is_fpn(cfg: Config) -> bool:
 
 def build_backbone(cfg: Config) -> Backbone:
     """MODEL.BACKBONE / RESNETS / FPN: a ResNet body (to res4 for C4, whose res5 is the box head; to res5 under an
-    FPN), randomly initialised; the RPN's and RoI heads' input features are checked against its outputs."""
+    FPN; `init_weights` gives it the ResNet initialisation); the RPN's and RoI heads' input features are checked
+    against its outputs."""
     m = cfg.MODEL
     fpn = _is_fpn(cfg)
     r = m.RESNETS
@@ -103,7 +109,6 @@ def build_backbone(cfg: Config) -> Backbone:
         out_features=body_features,
         last_stage="res5" if fpn else "res4",
     )
-    init_weights(body)
     backbone = Backbone(body, m.FPN.OUT_CHANNELS if fpn else 0, body_features)
     missing = [f for f in list(m.RPN.IN_FEATURES) + list(m.ROI_HEADS.IN_FEATURES) if f not in backbone.out_channels]
     if missing:
@@ -159,16 +164,14 @@ def build_box_head(cfg: Config, backbone: Backbone) -> tuple[ROIPooler, FCHead |
         return pooler, FCHead(in_channels=backbone.out_channels[roi_in[0]], resolution=bh.POOLER_RESOLUTION,
                               num_fc=bh.NUM_FC, fc_dim=bh.FC_DIM)
     body = backbone.body
-    res5 = body.build_stage(3, body.channels["res4"])
-    init_weights(res5)
-    return pooler, Res5Head(res5, body.res2_out_channels * 8)
+    return pooler, Res5Head(body.build_stage(3, body.channels["res4"]), body.res2_out_channels * 8)
 
 
-def build_box_stage(cfg: Config, backbone: Backbone) -> BoxStage:
-    """The proposal model's class-agnostic RoI stage: rescored by predicted IoU for OLN, by object vs background
-    for the RPN; sampling from MODEL.ROI_HEADS, NMS and the per-image cap from the test settings."""
+def build_box_stage(cfg: Config, pooler: ROIPooler, box_head: FCHead | Res5Head) -> BoxStage:
+    """The proposal model's class-agnostic RoI stage on `build_box_head`'s parts: rescored by predicted IoU for OLN,
+    by object vs background for the RPN; sampling from MODEL.ROI_HEADS, NMS and the per-image cap from the test
+    settings."""
     m = cfg.MODEL
-    pooler, box_head = build_box_head(cfg, backbone)
     return BoxStage(
         in_features=list(m.ROI_HEADS.IN_FEATURES),
         pooler=pooler,
@@ -186,10 +189,17 @@ def build_box_stage(cfg: Config, backbone: Backbone) -> BoxStage:
 
 
 def build_roi_heads(
-    cfg: Config, backbone: Backbone, *, text_embeds: Tensor | None = None, class_image_counts: Tensor | None = None
+    cfg: Config,
+    backbone: Backbone,
+    pooler: ROIPooler,
+    box_head: FCHead | Res5Head,
+    *,
+    text_embeds: Tensor | None = None,
+    class_image_counts: Tensor | None = None,
 ) -> ROIHeads:
-    """The detector's RoI heads: box head, open-vocabulary classifier (zero-shot or weight transfer) over the
-    training vocabulary, class-agnostic box regression, and the mask head with MODEL.MASK_ON (see `build_model`)."""
+    """The detector's RoI heads on `build_box_head`'s parts: the open-vocabulary classifier (zero-shot or weight
+    transfer) over the training vocabulary, class-agnostic box regression, and the mask head with MODEL.MASK_ON
+    (``text_embeds`` and ``class_image_counts`` as in `build_model`)."""
     m = cfg.MODEL
     source = "the given text embeddings are"
     if text_embeds is None:
@@ -210,7 +220,6 @@ def build_roi_heads(
 
     bh = m.ROI_BOX_HEAD
     roi_in = list(m.ROI_HEADS.IN_FEATURES)
-    pooler, box_head = build_box_head(cfg, backbone)
     classifier_cls = WeightTransferClassifier if bh.WEIGHT_TRANSFER else ZeroShotClassifier
     classifier = classifier_cls(
         in_dim=box_head.out_dim,
