@@ -29,10 +29,16 @@ def photos():
 
 
 def assert_same_detections(eager, exported):
+    """The same detections, each exported one matched to an eager one of its class, score (1e-5) and box (1e-2 px);
+    the order may differ where scores tie to float32 round-off (ONNX Runtime's kernels round unlike torch's)."""
     assert len(exported) == len(eager)
-    np.testing.assert_array_equal(exported.class_ids, eager.class_ids)
-    np.testing.assert_allclose(exported.scores, eager.scores, atol=1e-5)
-    np.testing.assert_allclose(exported.boxes, eager.boxes, atol=1e-2)
+    left = list(range(len(exported)))
+    for c, s, b in zip(eager.class_ids, eager.scores, eager.boxes):
+        match = [j for j in left if exported.class_ids[j] == c and abs(exported.scores[j] - s) <= 1e-5
+                 and np.abs(exported.boxes[j] - b).max() <= 1e-2]
+        assert match, f"no exported detection of class {c}, score {s}, box {b}"
+        left.remove(match[0])
+    np.testing.assert_allclose(exported.scores, eager.scores, atol=1e-5)  # in the same score order
 
 
 @pytest.mark.parametrize("extra", [[], ["MODEL.ROI_HEADS.TOPK_CANDIDATES_TEST", "0"]], ids=["topk", "threshold"])

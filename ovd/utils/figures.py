@@ -176,8 +176,8 @@ def _read_manifest(path: Path, notes: list[str]) -> dict | None:
 
 
 def _find_run_dir(chain_dir: Path, run_dir: Path) -> Path:
-    # run_dir is written relative to where the chain ran; a chain folder moved elsewhere still holds its runs by name
-    for candidate in (run_dir, chain_dir / run_dir.name):
+    # the chain folder holds its runs by name (also when moved); run_dir, relative to where the chain ran, otherwise
+    for candidate in (chain_dir / run_dir.name, run_dir):
         if (candidate / "metrics.jsonl").is_file():
             return candidate
     return run_dir
