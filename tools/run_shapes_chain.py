@@ -39,7 +39,7 @@ from ovd.data.build import load_dataset
 from ovd.data.proposals import load_proposals
 from ovd.evaluation import format_results_table
 from ovd.evaluation.proposal_recall import proposal_recall
-from ovd.utils.io import read_json, write_json
+from ovd.utils.io import read_json, write_json, write_text
 from ovd.utils.paths import datasets_root
 
 STAGES = ("base", "control", "rkd", "pis", "rkd_pis", "rkd_pis_wt")
@@ -269,10 +269,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     table = summary(results, pseudo[args.proposals], recall)
     manifest["table"] = table
     write_json(out / "chain_results.json", manifest, indent=2)
-    (out / "summary.txt").write_text(table + "\n")
+    write_text(out / "summary.txt", table + "\n")
 
     run(PY + ["tools/plot_metrics.py", "--chain", str(out)])
-    last = [name for name, _, source in plan if source == args.proposals][-1]
+    last = [name for name in results if not manifest["stages"][name].get("upper_bound")][-1]
     val_images = sorted((root / "images" / "val").glob("*.png"))[:6]
     run(PY + ["tools/demo.py", "--config-file", f"configs/shapes/{last}.yaml", "--weights",
               str(out / last / "model_final.pth"), "--input", *map(str, val_images), "--vocabulary", "shapes",
