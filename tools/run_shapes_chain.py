@@ -30,7 +30,6 @@ import shlex
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -50,23 +49,10 @@ PY = [sys.executable]
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(cmd: list[str], log: Path | None = None) -> None:
-    """Run a tool of this repository (paths relative to its root), echoing the command; with ``log``, its output
-    goes to that file (a job running beside another), and its last lines to the console if it fails."""
-    line = "$ " + " ".join(shlex.quote(c) for c in cmd)
-    print(line + (f"  > {log}" if log else ""), flush=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if log is None:
-        subprocess.run(cmd, check=True, cwd=REPO, env=env)
-        return
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a") as f:
-        f.write(line + "\n")
-        f.flush()
-        done = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode:
-        print("".join(log.read_text().splitlines(True)[-30:]), file=sys.stderr)
-        raise subprocess.CalledProcessError(done.returncode, cmd)
+def run(cmd: list[str]) -> None:
+    """Run a tool of this repository (paths relative to its root), echoing the command."""
+    print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 def source_paths(root: Path, source: str) -> dict[str, Path]:
@@ -86,10 +72,12 @@ def source_overrides(paths: dict[str, Path]) -> list[str]:
             "MODEL.PIS_PROP_PATH", str(paths["pseudo"])]
 
 
-def prepare_teacher(root: Path, *, teacher_steps: int) -> tuple[str, Path]:
-    """The toy CLIP teacher and its text embeddings of the 16 names."""
+def prepare_teacher(root: Path, *, num_train: int, num_val: int, teacher_steps: int) -> tuple[str, Path]:
+    """The world, the toy CLIP teacher and its text embeddings of the 16 names."""
     teacher = f"local-dir:{root / 'toy_clip'}"
     text = root / "text_embeddings" / "toy_clip.npy"
+    run(PY + ["tools/make_shapes_world.py", "--out", str(root), "--num-train", str(num_train), "--num-val", str(num_val),
+              "--workers", "2"])
     run(PY + ["tools/train_toy_clip.py", "--world", str(root), "--steps", str(teacher_steps)])
     if not _text_is_current(text, teacher):
         run(PY + ["tools/dump_text_embeddings.py", "--model", teacher, "--coco-json", str(root / "annotations" / "val.json"),
@@ -97,7 +85,7 @@ def prepare_teacher(root: Path, *, teacher_steps: int) -> tuple[str, Path]:
     return teacher, text
 
 
-def make_proposals(root: Path, source: str, out: Path, opts: list[str], log: Path | None = None) -> dict:
+def make_proposals(root: Path, source: str, out: Path, opts: list[str]) -> dict:
     """The class-agnostic proposals of the training and val images: from a proposal model trained here on base boxes
     (`configs/shapes/proposals_<source>.yaml`, run in ``out/proposals_<source>``), or the noisy oracle. Returns the
     recall of the val proposals (all / base / novel)."""
@@ -108,39 +96,35 @@ def make_proposals(root: Path, source: str, out: Path, opts: list[str], log: Pat
         for split, _, src in splits:
             if not paths[f"{split}_proposals"].is_file():
                 run(PY + ["tools/make_oracle_proposals.py", "--dataset-json", str(ann / f"{src}.json"),
-                          "--out", str(paths[f"{split}_proposals"])], log)
+                          "--out", str(paths[f"{split}_proposals"])])
     elif not all(paths[f"{split}_proposals"].is_file() for split, _, _ in splits):
-        weights = train_stage(f"proposals_{source}", out, opts, config=f"configs/shapes/proposals_{source}.yaml", log=log)
+        weights = train_stage(f"proposals_{source}", out, opts, config=f"configs/shapes/proposals_{source}.yaml")
         for split, dataset, _ in splits:
             # generation reads the images only; the annotations of shapes_train_all name which images to read
             run(PY + ["tools/generate_proposals.py", "--config-file", f"configs/shapes/proposals_{source}.yaml",
                       "--weights", str(weights), "--dataset", dataset, "--top-k", "50", "--batch-size", "8",
-                      "--out", str(paths[f"{split}_proposals"]), "--no-progress", *opts], log)
+                      "--out", str(paths[f"{split}_proposals"]), "--no-progress", *opts])
     dataset = load_dataset("shapes_val")
     proposals, _ = load_proposals(paths["val_proposals"])
     return proposal_recall(dataset, proposals)
 
 
-def extract_regions(root: Path, source: str, split: str, *, teacher: str, log: Path | None = None) -> None:
-    """The teacher's embeddings of the source's top proposals of every image of ``split`` (RKD targets; on val, the
-    regions of the fidelity evaluation). 10 per training image: RKD uses the best 5, the miner chooses among all 10."""
-    paths = source_paths(root, source)
-    run(PY + ["tools/extract_region_embeddings.py", "--dataset", "shapes_train_all" if split == "train" else "shapes_val",
-              "--proposals", str(paths[f"{split}_proposals"]), "--model", teacher, "--top-k",
-              "10" if split == "train" else "5", "--out", str(paths[f"{split}_regions"]), "--no-progress"], log)
-
-
-def mine_pseudo_boxes(root: Path, source: str, *, teacher: str, text: Path, pseudo_threshold: float | None,
-                      log: Path | None = None) -> dict:
-    """One pseudo box per image-level label from the source's training regions; returns the miner's report."""
+def prepare_regions(root: Path, source: str, *, teacher: str, text: Path, pseudo_threshold: float | None) -> dict:
+    """Region embeddings of the source's proposals and the pseudo boxes mined from them; returns the pseudo-box report."""
     paths = source_paths(root, source)
     ann = root / "annotations"
+    for split, dataset in (("train", "shapes_train_all"), ("val", "shapes_val")):
+        # 10 regions per training image: RKD uses the best 5, the miner chooses among all 10
+        top_k = "10" if split == "train" else "5"
+        run(PY + ["tools/extract_region_embeddings.py", "--dataset", dataset, "--proposals",
+                  str(paths[f"{split}_proposals"]), "--model", teacher, "--top-k", top_k, "--out",
+                  str(paths[f"{split}_regions"]), "--no-progress"])
     if not paths["pseudo"].is_file():
         run(PY + ["tools/mine_pseudo_labels.py", "--image-labels", str(ann / "train_image_labels.json"),
                   "--image-root", str(root / "images" / "train"), "--region-store", str(paths["train_regions"]),
                   "--text-embeddings", str(text), "--model", teacher, "--gt", str(ann / "train_all.json"),
                   "--out", str(paths["pseudo"]), "--no-progress",
-                  *(["--threshold", str(pseudo_threshold)] if pseudo_threshold is not None else [])], log)
+                  *(["--threshold", str(pseudo_threshold)] if pseudo_threshold is not None else [])])
     return read_json(paths["pseudo"]).get("info", {})
 
 
@@ -149,13 +133,12 @@ def _text_is_current(path: Path, teacher: str) -> bool:
     return path.is_file() and sidecar.is_file() and json.loads(sidecar.read_text()).get("model") == teacher
 
 
-def train_stage(name: str, out: Path, opts: list[str], *, config: str, init: Path | None = None,
-                log: Path | None = None) -> Path:
+def train_stage(name: str, out: Path, opts: list[str], *, config: str, init: Path | None = None) -> Path:
     """Train ``config`` into ``out/name`` unless finished there; returns its final weights."""
     run_dir = out / name
     if not ((run_dir / "final_metrics.json").is_file() and (run_dir / "model_final.pth").is_file()):
         run(PY + ["tools/train_net.py", "--config-file", config, "--resume", "OUTPUT_DIR", str(run_dir),
-                  *(["MODEL.WEIGHTS", str(init)] if init else []), *opts], log)
+                  *(["MODEL.WEIGHTS", str(init)] if init else []), *opts])
     return run_dir / "model_final.pth"
 
 
@@ -215,20 +198,26 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         manifest["stages"][name] = {"run_dir": str(out / name), **entry}
         write_json(out / "chain_results.json", manifest, indent=2)
 
-    run(PY + ["tools/make_shapes_world.py", "--out", str(root), "--num-train", str(args.num_train),
-              "--num-val", str(args.num_val), "--workers", "2"])
+    teacher, text = prepare_teacher(root, num_train=args.num_train, num_val=args.num_val, teacher_steps=args.teacher_steps)
     sources = [args.proposals] + (["oracle"] if args.upper_bound and args.proposals != "oracle" else [])
+    recall, pseudo = {}, {}
     for source in sources:
         if source != "oracle":
             record(f"proposals_{source}", init_from=None, kind="proposals")
+        recall[source] = make_proposals(root, source, out, args.opts)
+        pseudo[source] = prepare_regions(root, source, teacher=teacher, text=text, pseudo_threshold=args.pseudo_threshold)
+    manifest.update(proposal_recall={s: recall[s] for s in recall}, pseudo_boxes=pseudo[args.proposals])
+    write_json(out / "chain_results.json", manifest, indent=2)
+    if not args.stages:
+        print(summary({}, pseudo[args.proposals], recall))
+        return {}
+
     # (run name, config, proposal source); a stage's starting point runs before it, even when not asked for
     plan = [(s, s, args.proposals) for s in with_inits(args.stages)]
     if len(sources) > 1:
         plan += [(f"oracle_{s}", s, "oracle") for s in UPPER_BOUND]
-    logs = out / "logs"
-    results: dict[str, dict] = {}
-
-    def train(name: str, stage: str, source: str) -> None:
+    results = {}
+    for name, stage, source in plan:
         init_name = INIT_FROM.get(stage)
         if name.startswith("oracle_") and init_name in UPPER_BOUND:
             init_name = f"oracle_{init_name}"
@@ -237,34 +226,6 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         opts = source_overrides(source_paths(root, source)) + args.opts
         train_stage(name, out, opts, config=f"configs/shapes/{stage}.yaml", init=init)
         results[name] = read_json(out / name / "final_metrics.json")["shapes_val"]
-
-    # two jobs at a time on independent work, each at its usual thread count (so the numbers do not change): the
-    # proposal models beside the teacher, the region embeddings and pseudo boxes beside the base detector
-    with ThreadPoolExecutor(1) as beside:
-        proposals = beside.submit(lambda: {s: make_proposals(root, s, out, args.opts, logs / f"proposals_{s}.log")
-                                           for s in sources})
-        teacher, text = prepare_teacher(root, teacher_steps=args.teacher_steps)
-        recall = proposals.result()
-        for source in sources:  # the base detector's evaluation reads the val regions
-            extract_regions(root, source, "val", teacher=teacher)
-
-        def regions_and_pseudo_boxes(source: str) -> dict:
-            log = logs / f"regions_{source}.log"
-            extract_regions(root, source, "train", teacher=teacher, log=log)
-            return mine_pseudo_boxes(root, source, teacher=teacher, text=text, log=log,
-                                     pseudo_threshold=args.pseudo_threshold)
-
-        regions = beside.submit(lambda: {s: regions_and_pseudo_boxes(s) for s in sources})
-        if plan and plan[0][0] == "base":
-            train(*plan.pop(0))
-        pseudo = regions.result()
-    manifest.update(proposal_recall=recall, pseudo_boxes=pseudo[args.proposals])
-    write_json(out / "chain_results.json", manifest, indent=2)
-    if not args.stages:
-        print(summary({}, pseudo[args.proposals], recall))
-        return {}
-    for name, stage, source in plan:
-        train(name, stage, source)
     manifest["results"] = results
     table = summary(results, pseudo[args.proposals], recall)
     manifest["table"] = table
