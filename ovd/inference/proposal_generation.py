@@ -14,7 +14,6 @@ what a rerun (nothing to do) and a merge (shards of one run, each once) check.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import math
@@ -33,7 +32,6 @@ from tqdm import tqdm
 
 from ovd.config import Config, config_to_yaml
 from ovd.data.datasets import DetectionDataset, ImageRecord
-from ovd.data.mapper import DatasetMapper
 from ovd.data.proposals import Proposals, load_proposals, save_proposals
 from ovd.engine.checkpoint import load_model_state, read_checkpoint
 from ovd.engine.setup import select_device
