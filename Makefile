@@ -13,7 +13,7 @@ venv: .venv/.installed
 	touch $@
 
 demo: venv
-	$(PY) tools/run_shapes_chain.py
+	$(PY) tools/run_chain.py --config-file configs/shapes/chain.yaml
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -6,7 +6,8 @@ RKD+PIS+WT, over several training seeds on one world and teacher.
     python benchmarks/ablation_shapes.py --seeds 0 1 2 --jobs 2        # writes docs/RESULTS.md and its figure
 
 First the offline steps of each source run once (proposal model, proposals, region embeddings, pseudo boxes; under
-$OVD_DATASETS/shapes); then each (seed, source) runs `tools/run_shapes_chain.py` into output/ablation/seed<N>/<source>,
+$OVD_DATASETS/shapes); then each (seed, source) runs `tools/run_chain.py` on configs/shapes/chain.yaml into
+output/ablation/seed<N>/<source>,
 the base and control runs shared by the sources of a seed. ``--jobs`` chains run at once, each on ``--threads``
 threads, so the numbers depend on the thread count, not on the load. Stages resume/skip, so an interrupted
 ablation continues.
@@ -29,6 +30,7 @@ from ovd.utils.figures import plot_stage_bars
 from ovd.utils.io import read_json, replace_markdown_section
 
 REPO = Path(__file__).resolve().parents[1]
+CONFIG = "configs/shapes/chain.yaml"
 SOURCES = ["oracle", "rpn", "oln"]
 SHARED = ["base", "control"]  # independent of the proposals
 PER_SOURCE = ["rkd", "pis", "rkd_pis_wt"]
@@ -76,10 +78,10 @@ def source_table(info: dict[str, dict]) -> str:
 def chain(args: list[str], threads: int, log: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     log.parent.mkdir(parents=True, exist_ok=True)
-    print("$ python tools/run_shapes_chain.py", " ".join(args), f"> {log}", flush=True)
+    cmd = ["tools/run_chain.py", "--config-file", CONFIG, *args]
+    print("$ python", " ".join(cmd), f"> {log}", flush=True)
     with open(log, "w") as f:
-        subprocess.run([sys.executable, "tools/run_shapes_chain.py", *args], check=True, cwd=REPO, env=env,
-                       stdout=f, stderr=subprocess.STDOUT)
+        subprocess.run([sys.executable, *cmd], check=True, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
 
 
 def run_seed(seed: int, out: Path, sources: list[str], threads: int) -> dict[str, dict]:

@@ -26,7 +26,7 @@ from tools_loader import load_tool
 from ovd.clip.text import load_templates, load_text_embeddings, save_text_embeddings
 from ovd.config import ConfigError, load_config
 from ovd.data.build import open_region_store
-from ovd.data.catalog import DatasetSpec, get_dataset
+from ovd.data.catalog import DatasetSpec, get_dataset, register_config_datasets
 from ovd.data.datasets import load_coco_json, load_image_labels
 from ovd.data.mapper import DatasetMapper
 from ovd.data.proposals import load_proposals
@@ -96,6 +96,17 @@ def _labels(t: Path, *images: dict) -> DatasetSpec:
 
 
 LABELLED = {**IMAGE, "pos_category_ids": [1]}
+
+
+def _custom(t: Path, *, image: bool = True, **entry):
+    """Declare ``<tmp>/ann.json`` (one image, a.png; with ``image`` False the folder holds b.png instead) as
+    DATASETS.CUSTOM entry ``mine`` of a config in ``<tmp>``, then look the name up."""
+    _coco(t, categories=[CUBE, {"id": 2, "name": "ball"}])
+    _write(t / "images" / ("a.png" if image else "b.png"), _png(8, 8))
+    text = "DATASETS:\n  CUSTOM:\n    - {NAME: mine, JSON: ann.json, IMAGES: images, " + \
+        ", ".join(f"{k}: {v}" for k, v in entry.items()) + "}\n"
+    register_config_datasets(load_config(_yaml(t, text)).DATASETS.CUSTOM)
+    return get_dataset("mine")
 
 
 def _labelled_records(t: Path) -> list:
@@ -248,6 +259,17 @@ DATASET_CASES = [
          r"image <tmp>/images/a\.png is 10x12 but its annotation says 8x8"),
     case("data-unknown-dataset-name", lambda t: get_dataset("shapes_vall"), KeyError,
          r"unknown dataset 'shapes_vall' \(did you mean shapes_val\?\); known: .*shapes_val\b"),
+    case("custom-json-missing", lambda t: _custom(t, JSON="train.json"), FileNotFoundError,
+         r"dataset mine: annotation file <tmp>/train\.json not found \(JSON of DATASETS\.CUSTOM\)"),
+    case("custom-images-missing", lambda t: _custom(t, image=False), FileNotFoundError,
+         r"dataset mine: 1 of the 1 images listed in <tmp>/ann\.json are not in <tmp>/images, e\.g\. a\.png"),
+    case("custom-novel-not-a-category", lambda t: _custom(t, NOVEL="[bal]"), ValueError,
+         r"dataset mine: NOVEL class 'bal' is not a category name or id of <tmp>/ann\.json \(did you mean 'ball'\?\)"),
+    case("custom-builtin-name", lambda t: register_config_datasets(
+        load_config(None, ["DATASETS.CUSTOM", "[{NAME: shapes_val, JSON: a.json, IMAGES: im}]"]).DATASETS.CUSTOM),
+         ValueError, r"DATASETS\.CUSTOM\[0\]: 'shapes_val' is the name of a built-in dataset"),
+    case("custom-bad-ann-type", lambda t: _custom(t, ANN_TYPE="boxes"), ValueError,
+         r"DATASETS\.CUSTOM\[0\] \(mine\): ANN_TYPE 'boxes'; expected one of \('box', 'image'\)"),
     case("labels-missing-pos-category-ids", lambda t: load_image_labels(_labels(t, IMAGE)), ValueError,
          r"<tmp>/labels\.json: image 1 has no pos_category_ids"),
     case("labels-image-entry-incomplete", lambda t: load_image_labels(_labels(t, {"id": 1, "file_name": "a.png",

@@ -7,7 +7,7 @@ import pytest
 
 from tools_loader import load_tool
 
-chain = load_tool("run_shapes_chain")
+chain = load_tool("run_chain")
 check = load_tool("check_readme_results")
 
 TINY = ["SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "[]", "SOLVER.CHECKPOINT_PERIOD", "0",
@@ -19,7 +19,7 @@ TINY = ["SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "[]"
 def test_chain_runs_every_stage_and_skips_when_done(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OVD_DATASETS", str(tmp_path / "datasets"))
     out = tmp_path / "runs"
-    args = ["--stages", "base", "rkd", "rkd_pis_wt", "--num-train", "16", "--num-val", "6", "--teacher-steps", "4",
+    args = ["--config-file", "configs/shapes/chain.yaml", "--stages", "base", "rkd", "rkd_pis_wt", "--num-train", "16", "--num-val", "6", "--teacher-steps", "4",
             "--pseudo-threshold", "0",
             "--output", str(out), *TINY]
     results = chain.main(args)
@@ -31,7 +31,7 @@ def test_chain_runs_every_stage_and_skips_when_done(tmp_path, monkeypatch, capsy
     assert (out / "curves.png").is_file() and (out / "summary.png").is_file()
     first = capsys.readouterr().out
     # the proposal model (base boxes only) and the three stages; its proposals feed regions and pseudo boxes
-    assert first.count("tools/train_net.py") == 4 and "configs/shapes/proposals_oln.yaml" in first
+    assert first.count("tools/train_net.py") == 4 and "MODEL.META_ARCHITECTURE ProposalNetwork MODEL.PROPOSAL_GENERATOR.NAME OLN" in first
     assert "tools/generate_proposals.py" in first and "make_oracle_proposals" not in first
     assert "pseudo boxes: precision" in first and "proposals (oln) on shapes_val: AR@20 novel" in first
     manifest = json.loads((out / "chain_results.json").read_text())

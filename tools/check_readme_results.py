@@ -22,21 +22,21 @@ BEGIN, END = "<!-- make-demo-results:begin -->", "<!-- make-demo-results:end -->
 
 
 def render(manifest: dict) -> str:
-    """The README block of one chain run (`tools/run_shapes_chain.py`'s ``chain_results.json``)."""
+    """The README block of one chain run (`tools/run_chain.py`'s ``chain_results.json``)."""
     lines = ["| stage | AP50 novel | AP50 base | AP50 all |", "|---|---|---|---|"]
     for stage, r in manifest["results"].items():
         label = f"{stage} (oracle proposals: upper bound)" if manifest["stages"][stage].get("upper_bound") else stage
         lines.append(f"| {label} | {100 * r['AP50_novel']:.1f} | {100 * r['AP50_base']:.1f} | {100 * r['AP50']:.1f} |")
     lines.append("")
     for source, rec in manifest.get("proposal_recall", {}).items():
-        lines.append(f"Proposals ({source}), shapes_val: AR@20 novel {100 * rec['AR@20_novel']:.1f} / base "
+        lines.append(f"Proposals ({source}), {manifest['dataset']}: AR@20 novel {100 * rec['AR@20_novel']:.1f} / base "
                      f"{100 * rec['AR@20_base']:.1f}, recall@0.5 novel {100 * rec['recall@0.5_novel']:.1f} / base "
                      f"{100 * rec['recall@0.5_base']:.1f}.")
     p, st = manifest.get("pseudo_boxes", {}).get("precision"), manifest.get("pseudo_boxes", {}).get("stats", {})
     if p:
         lines.append(f"Pseudo boxes: precision {p['all']['precision']:.3f} (base {p['base']['precision']:.3f}, novel "
                      f"{p['novel']['precision']:.3f}); {st.get('labels_kept')} of {st.get('labels')} image labels kept.")
-    lines.append(f"Run: `{manifest.get('command', 'tools/run_shapes_chain.py')}`, {manifest.get('threads')} thread(s), "
+    lines.append(f"Run: `{manifest['command']}`, {manifest.get('threads')} thread(s), "
                  f"{manifest.get('machine', '')}.")
     return "\n".join(lines)
 

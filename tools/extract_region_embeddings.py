@@ -20,7 +20,8 @@ from typing import Sequence
 
 from ovd.clip import load_clip
 from ovd.clip.arguments import add_clip_arguments, check_clip_arguments
-from ovd.data.catalog import get_dataset
+from ovd.config import load_config
+from ovd.data.catalog import get_dataset, register_config_datasets
 from ovd.data.region_extraction import extract_region_embeddings
 from ovd.data.region_store import merge_stores
 from ovd.utils.cli import parse_merge_args, parse_shard
@@ -29,7 +30,9 @@ from ovd.utils.cli import parse_merge_args, parse_shard
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_mutually_exclusive_group(required=True)
-    data.add_argument("--dataset", help="a dataset name of the catalogue (e.g. shapes_train_base)")
+    data.add_argument("--dataset", help="a dataset name of the catalogue (e.g. shapes_train_base), or of the "
+                      "DATASETS.CUSTOM of --config-file")
+    parser.add_argument("--config-file", help="a config whose DATASETS.CUSTOM declares --dataset")
     data.add_argument("--dataset-json", help="COCO annotation file (with --image-root)")
     parser.add_argument("--image-root", help="image folder of --dataset-json")
     parser.add_argument("--proposals", required=True, help="class-agnostic proposals, COCO-results JSON")
@@ -64,6 +67,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"merged {len(args.shards)} shards: {len(store)} images, {store.num_regions} regions -> {store.path}")
         return
     args = parse_args(argv)
+    if args.config_file:
+        register_config_datasets(load_config(args.config_file).DATASETS.CUSTOM)
     if args.dataset is not None:
         spec = get_dataset(args.dataset)
         dataset_json, image_root = spec.json_file, spec.image_root

@@ -27,14 +27,13 @@ from pathlib import Path
 from typing import Sequence
 
 from ovd.config import load_config
-from ovd.data.build import load_dataset
-from ovd.data.catalog import DatasetSpec
+from ovd.data.build import build_test_mapper, load_dataset
+from ovd.data.catalog import DatasetSpec, register_config_datasets
 from ovd.data.datasets import load_coco_json
 from ovd.engine.checkpoint import CheckpointError
-from ovd.data.build import build_test_mapper
 from ovd.engine.setup import setup_logging
-from ovd.utils.cli import parse_merge_args, parse_shard
 from ovd.evaluation import format_recall_table
+from ovd.utils.cli import parse_merge_args, parse_shard
 from ovd.inference.proposal_generation import (
     GenerationSummary,
     build_proposal_model,
@@ -56,7 +55,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--config-file", required=True, help="the proposal model's YAML config")
     p.add_argument("--weights", help="its checkpoint (default: MODEL.WEIGHTS)")
     data = p.add_mutually_exclusive_group(required=True)
-    data.add_argument("--dataset", help="a dataset name of the catalogue (e.g. shapes_train_all)")
+    data.add_argument("--dataset", help="a dataset name of the catalogue (e.g. shapes_train_all) or of the config's "
+                      "DATASETS.CUSTOM")
     data.add_argument("--dataset-json", help="COCO annotation file (with --image-root)")
     p.add_argument("--image-root", help="image folder of --dataset-json")
     p.add_argument("--out", required=True, help="the proposals file to write")
@@ -92,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config_file, args.opts)
+        register_config_datasets(cfg.DATASETS.CUSTOM)
         weights = args.weights or cfg.MODEL.WEIGHTS
         if not weights:
             raise ValueError("no weights: pass --weights (a checkpoint) or set MODEL.WEIGHTS")

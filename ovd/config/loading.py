@@ -96,8 +96,28 @@ def _read_yaml(path: Path, stack: tuple[Path, ...]) -> list[tuple[dict, str]]:
             raise ConfigError(f"{BASE_KEY} in {path} must be a file name or a list of them, got {base!r}")
         for b in bases:
             chain.extend(_read_yaml((path.parent / os.path.expanduser(b)).resolve(), stack + (path,)))
+    _resolve_dataset_paths(data, path)
     chain.append((data, str(path)))
     return chain
+
+
+DATASET_PATH_KEYS = ("JSON", "IMAGES", "CAPTIONS")
+
+
+def _resolve_dataset_paths(data: dict, path: Path) -> None:
+    """Make DATASETS.CUSTOM's relative paths relative to the folder of the file that declares them, so a config
+    and its data can move together."""
+    entries = (data.get("DATASETS") or {}).get("CUSTOM") if isinstance(data.get("DATASETS"), dict) else None
+    if not isinstance(entries, list):
+        return
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise ConfigError(f"DATASETS.CUSTOM in {path}: each entry must be a mapping like {{NAME: my_train, JSON: "
+                              f"train.json, IMAGES: images}}, got {entry!r}")
+        for key in DATASET_PATH_KEYS:
+            value = entry.get(key)
+            if isinstance(value, str) and value and "${" not in value:
+                entry[key] = str(path.parent / os.path.expanduser(value))
 
 
 def parse_overrides(args: Sequence[str]) -> list[tuple[str, Any]]:

@@ -158,9 +158,23 @@ class ModelConfig:
 
 
 @dataclass
+class CustomDatasetConfig:
+    """A dataset declared in the config (DATASETS.CUSTOM); its NAME then works like a built-in one."""
+
+    NAME: str = ""
+    JSON: str = ""  # COCO JSON; relative paths resolve against the folder of the config file that declares it
+    IMAGES: str = ""  # image folder of its file_name entries
+    NOVEL: List[str] = _list()  # classes evaluated as novel (never boxed in training): category names or ids
+    ANN_TYPE: str = "box"  # "box" (annotations) or "image" (images[].pos_category_ids: image-level labels)
+    # "image" only: COCO captions to turn into the labels at JSON (tools/run_chain.py runs captions_to_image_labels)
+    CAPTIONS: str = ""
+
+
+@dataclass
 class DatasetsConfig:
     TRAIN: List[str] = _list("coco_zeroshot_train_oriorder")
     TEST: List[str] = _list("coco_generalized_zeroshot_val")
+    CUSTOM: List[CustomDatasetConfig] = _list()
 
 
 @dataclass
@@ -228,6 +242,37 @@ class TestConfig:
 
 
 @dataclass
+class FinetuneSolverConfig:
+    """The schedule of the stages that start from another stage's weights (0: SOLVER's own value)."""
+
+    BASE_LR: float = 0.0
+    MAX_ITER: int = 0
+    STEPS: List[int] = _list()
+    WARMUP_ITERS: int = 0
+
+
+@dataclass
+class ChainConfig:
+    """`tools/run_chain.py`: the whole method on DATASETS.TRAIN (a box-labelled source, optionally an image-labelled
+    one, told apart by DATALOADER.DATASET_ANN) and DATASETS.TEST[0]. Each stage is this config plus the stage's
+    recipe (`ovd/engine/chain.py`)."""
+
+    # the teacher: an open_clip model name, or local-dir:/path of a saved open_clip model
+    CLIP_MODEL: str = "ViT-B-32"
+    CLIP_PRETRAINED: str = "openai"  # open_clip tag (downloads where online), a local checkpoint file, or ""
+    PREPARE: str = ""  # "shapes": generate the shapes world and train its toy teacher first
+    WORK_DIR: str = ""  # text embeddings, proposals, region stores, pseudo boxes; empty: OUTPUT_DIR/offline
+    PROPOSALS: str = "OLN"  # the proposal model: "OLN" or "RPN" (or "oracle" where ALL_BOXES_DATASET exists)
+    PROPOSAL_ITERS: int = 0  # its training iterations (0: SOLVER.MAX_ITER)
+    PROPOSALS_PER_IMAGE: int = 50
+    TRAIN_REGIONS: int = 10  # regions per training image (RKD uses the best NUM_DISTIL_PROP, the miner chooses among all)
+    TEST_REGIONS: int = 5
+    # every true box of the training images (novel too): only to measure pseudo-box precision and for oracle proposals
+    ALL_BOXES_DATASET: str = ""
+    FINETUNE: FinetuneSolverConfig = field(default_factory=FinetuneSolverConfig)
+
+
+@dataclass
 class Config:
     MODEL: ModelConfig = field(default_factory=ModelConfig)
     DATASETS: DatasetsConfig = field(default_factory=DatasetsConfig)
@@ -235,6 +280,7 @@ class Config:
     INPUT: InputConfig = field(default_factory=InputConfig)
     SOLVER: SolverConfig = field(default_factory=SolverConfig)
     TEST: TestConfig = field(default_factory=TestConfig)
+    CHAIN: ChainConfig = field(default_factory=ChainConfig)
     OUTPUT_DIR: str = "./output"
     SEED: int = 0
     LOG_PERIOD: int = 20

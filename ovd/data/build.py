@@ -7,14 +7,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ovd.config import Config
-from ovd.data.catalog import get_dataset
+from ovd.data.catalog import ANN_TYPES, dataset_ann_type, get_dataset
 from ovd.data.datasets import DetectionDataset, load_coco_json, load_image_labels
 from ovd.data.mapper import DatasetMapper
 from ovd.data.region_store import RegionStore
 from ovd.data.samplers import InferenceBatchSampler, MultiSourceBatchSampler, repeat_factors
 from ovd.structures import ImageSample
-
-ANN_TYPES = ("box", "image")
 
 
 class MappedDataset(Dataset):
@@ -55,8 +53,8 @@ def load_dataset(name: str, *, with_masks: bool = False) -> DetectionDataset:
 
 
 def train_ann_types(cfg: Config) -> list[str]:
-    """The annotation type of each DATASETS.TRAIN entry (DATALOADER.DATASET_ANN, default all "box")."""
-    types = list(cfg.DATALOADER.DATASET_ANN) or ["box"] * len(cfg.DATASETS.TRAIN)
+    """The annotation type of each DATASETS.TRAIN entry (DATALOADER.DATASET_ANN; default: each dataset's own)."""
+    types = list(cfg.DATALOADER.DATASET_ANN) or [dataset_ann_type(name) for name in cfg.DATASETS.TRAIN]
     if len(types) != len(cfg.DATASETS.TRAIN):
         raise ValueError(f"DATALOADER.DATASET_ANN has {len(types)} entries for {len(cfg.DATASETS.TRAIN)} DATASETS.TRAIN")
     bad = [t for t in types if t not in ANN_TYPES]

@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ovd.config import Config, save_config
 from ovd.data.build import build_train_loader, load_train_datasets, open_region_store, train_ann_types
-from ovd.data.catalog import get_dataset
+from ovd.data.catalog import get_dataset, register_config_datasets
 from ovd.data.datasets import DetectionDataset
 from ovd.data.region_store import RegionStore
 from ovd.engine.checkpoint import Checkpointer, load_model_state, read_checkpoint
@@ -170,6 +170,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
 
+    register_config_datasets(cfg.DATASETS.CUSTOM)
     datasets = load_train_datasets(cfg)
     model, teacher = build_for_training(cfg, datasets)
     model.to(device)
@@ -298,6 +299,7 @@ def evaluate_only(cfg: Config) -> dict:
     """`--eval-only`: build the model, load MODEL.WEIGHTS, evaluate on DATASETS.TEST."""
     if not cfg.MODEL.WEIGHTS:
         raise ValueError("--eval-only needs MODEL.WEIGHTS (a checkpoint to evaluate)")
+    register_config_datasets(cfg.DATASETS.CUSTOM)
     device = select_device(cfg)
     data = read_checkpoint(cfg.MODEL.WEIGHTS)
     if cfg.MODEL.META_ARCHITECTURE == "ProposalNetwork":
