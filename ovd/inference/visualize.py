@@ -127,7 +127,8 @@ def draw_detections(
     # boxes first, then labels, each lowest score first: the most confident end up on top and no box crosses a label
     for i in reversed(range(n)):
         x0, y0, x1, y1 = (int(round(float(v))) for v in boxes[i])
-        cv2.rectangle(out, (x0, y0), (x1, y1), colors[i], thickness * (3 if marked[i] else 1), lineType=cv2.LINE_AA)
+        # axis-aligned edges need no anti-aliasing; without it a box keeps its exact colour
+        cv2.rectangle(out, (x0, y0), (x1, y1), colors[i], thickness * (3 if marked[i] else 1))
     for i in reversed(range(n)):
         lx0, ly0, lx1, ly1 = places[i]
         (_, th), base = metrics[i]

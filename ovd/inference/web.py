@@ -376,7 +376,8 @@ def build_app(demo: WebDemo, *, examples: Sequence[Path] = (), threshold: float 
                     run = gr.Button("Detect", variant="primary", elem_id="detect")
                 with gr.Column():
                     status = gr.Markdown(elem_id="status")
-                    gallery = gr.Gallery(label="detections", columns=1, format="png", elem_id="result")
+                    gallery = gr.Gallery(label="detections", columns=1, format="png", object_fit="contain",
+                                         height=600, elem_id="result")
             table = gr.Dataframe(headers=TABLE_HEADERS, label="detections", interactive=False, elem_id="table")
             with gr.Row():
                 coco = gr.Textbox(label="COCO results (JSON)", lines=6, max_lines=12, elem_id="coco-json")
