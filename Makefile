@@ -9,7 +9,7 @@ venv: .venv/.installed
 
 .venv/.installed: setup.py constraints.txt
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q --upgrade-strategy only-if-needed -c constraints.txt -e '.[test,export]'
+	$(PY) -m pip install -q --upgrade-strategy only-if-needed -c constraints.txt -e '.[test,export,web]'
 	touch $@
 
 demo: venv

@@ -24,7 +24,8 @@ setup(
         "scikit-image>=0.22",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "playwright>=1.50"],  # playwright drives the system chromium
         "export": ["onnx>=1.15", "onnxruntime>=1.17"],
+        "web": ["gradio>=6.31,<7"],
     },
 )
