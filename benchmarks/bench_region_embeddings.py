@@ -33,7 +33,7 @@ from ovd.data.catalog import DatasetSpec
 from ovd.data.datasets import load_coco_json
 from ovd.data.mapper import read_image
 from ovd.data.proposals import load_proposals, make_oracle_proposals
-from ovd.data.region_extraction import extract_region_embeddings
+from ovd.clip.region_extraction import extract_region_embeddings
 from ovd.data.shapes import make_shapes_world
 
 

@@ -71,7 +71,7 @@ def rkd_world(tiny_world, tmp_path_factory):
     training images (oracle proposals, top 5)."""
     from ovd.clip import encode_text, load_clip, save_clip, save_text_embeddings
     from ovd.data.proposals import make_oracle_proposals
-    from ovd.data.region_extraction import extract_region_embeddings
+    from ovd.clip.region_extraction import extract_region_embeddings
     from ovd.data.shapes import SHAPES_CATEGORIES
 
     root, overrides = tiny_world

@@ -12,7 +12,7 @@ from ovd.clip import encode_text, load_clip, save_text_embeddings
 from ovd.data.catalog import DatasetSpec
 from ovd.data.datasets import DetectionDataset, ImageRecord, load_image_labels
 from ovd.data.proposals import make_oracle_proposals, save_proposals
-from ovd.data.region_extraction import extract_region_embeddings
+from ovd.clip.region_extraction import extract_region_embeddings
 from ovd.data.region_store import RegionStoreWriter
 from ovd.data.shapes import make_shapes_world
 from ovd.pseudo_labels.miner import (

@@ -15,7 +15,7 @@ from ovd.clip import load_clip
 from ovd.clip.regions import RegionPreprocessor, crop_regions, encode_regions, select_regions
 from ovd.data.mapper import read_image
 from ovd.data.proposals import save_proposals
-from ovd.data.region_extraction import extract_region_embeddings
+from ovd.clip.region_extraction import extract_region_embeddings
 from ovd.data.region_store import RegionStore
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "extract_region_embeddings.py"

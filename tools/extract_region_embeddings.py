@@ -22,7 +22,7 @@ from ovd.clip import load_clip
 from ovd.clip.arguments import add_clip_arguments, check_clip_arguments
 from ovd.config import load_config
 from ovd.data.catalog import get_dataset, register_config_datasets
-from ovd.data.region_extraction import extract_region_embeddings
+from ovd.clip.region_extraction import extract_region_embeddings
 from ovd.data.region_store import merge_stores
 from ovd.utils.cli import parse_merge_args, parse_shard
 
