@@ -72,6 +72,40 @@ def evaluate_detections(
     )
 
 
+def coco_results(
+    image_id: int,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    category_ids: np.ndarray,
+    *,
+    masks: np.ndarray | None = None,
+    category_names: Sequence[str] | None = None,
+    score_decimals: int | None = None,
+) -> list[dict[str, Any]]:
+    """One image's detections as COCO results dicts, the format pycocotools' ``loadRes`` reads.
+
+    Args:
+        boxes (ndarray [N, 4]): xyxy in original image pixels; written as xywh rounded to 0.01 px.
+        scores (ndarray [N]); category_ids (ndarray [N]): dataset category ids.
+        masks (ndarray [N, H, W], optional): binary masks, written as RLE ``segmentation``.
+        category_names: also written, as ``category_name``, for readers without the category list.
+        score_decimals: round the scores (None: as they are).
+    """
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).round(2)
+    scores = [float(s) if score_decimals is None else round(float(s), score_decimals) for s in np.asarray(scores)]
+    out = [{"image_id": int(image_id), "category_id": int(c), "bbox": b, "score": s}
+           for c, b, s in zip(np.asarray(category_ids).tolist(), xywh.tolist(), scores)]
+    if category_names is not None:
+        for det, name in zip(out, category_names):
+            det["category_name"] = name
+    if masks is not None and len(out):
+        rles = mask_utils.encode(np.asfortranarray(np.asarray(masks).transpose(1, 2, 0).astype(np.uint8)))
+        for det, rle in zip(out, rles):
+            det["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+    return out
+
+
 def format_results_table(results: dict[str, Any], *, title: str = "") -> str:
     """Render AP50 and AP for the novel / base / all categories as a fixed-width table, ×100 with one decimal.
 
@@ -154,20 +188,11 @@ class DetectionEvaluator:
             raise ValueError(f"{where}: iou_type 'segm' needs masks")
         _check_ids(self.gt, str(self.gt_json), [image_id], category_ids.tolist())
 
-        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).round(2)
-        detections = [
-            {"image_id": image_id, "category_id": c, "bbox": b, "score": s}
-            for c, b, s in zip(category_ids.tolist(), xywh.tolist(), scores.tolist())
-        ]
         if masks is not None:
             masks = _as_numpy(masks, np.bool_)
             if masks.ndim != 3 or len(masks) != n:
                 raise ValueError(f"{where}: masks must have shape [{n}, H, W], got {tuple(masks.shape)}")
-            if n:
-                rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
-                for det, rle in zip(detections, rles):
-                    det["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
-        self._detections.extend(detections)
+        self._detections.extend(coco_results(image_id, boxes, scores, category_ids, masks=masks))
 
     def evaluate(self) -> dict[str, Any]:
         """Metrics of everything added (on all ranks together).

@@ -17,13 +17,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pycocotools import mask as mask_utils
 
 from ovd.clip.models import LOCAL_DIR_PREFIX
 from ovd.clip.text import TextEmbeddings, load_text_embeddings
 from ovd.config import load_config
 from ovd.data.mapper import ResizeFlip, shortest_edge_size
 from ovd.engine.checkpoint import CheckpointError, load_model_state, read_checkpoint
+from ovd.evaluation import coco_results
 from ovd.inference.visualize import ImageInput, as_rgb_array, draw_detections
 from ovd.inference.vocabulary import PRESETS, TextEncoder, Vocabulary, preset_vocabulary, resolve_templates
 from ovd.modeling.build import build_model
@@ -66,18 +66,8 @@ class Detections:
     def to_coco(self, image_id: int = 0) -> list[dict[str, Any]]:
         """COCO results dicts (``image_id``, ``category_id``, ``bbox`` xywh, ``score``, RLE ``segmentation`` with
         masks), plus ``category_name`` for readers without the category list; pycocotools' ``loadRes`` takes them."""
-        boxes = self.boxes.astype(np.float64)
-        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).round(2)
-        out = [
-            {"image_id": int(image_id), "category_id": int(c), "category_name": n, "bbox": b,
-             "score": round(float(s), 5)}
-            for c, n, b, s in zip(self.category_ids.tolist(), self.class_names, xywh.tolist(), self.scores)
-        ]
-        if self.masks is not None and len(self):
-            rles = mask_utils.encode(np.asfortranarray(self.masks.transpose(1, 2, 0).astype(np.uint8)))
-            for det, rle in zip(out, rles):
-                det["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
-        return out
+        return coco_results(image_id, self.boxes, self.scores, self.category_ids, masks=self.masks,
+                            category_names=self.class_names, score_decimals=5)
 
     def draw(self, image: ImageInput, *, input_format: str = "RGB") -> np.ndarray:
         """``image`` (the one these detections came from) with them drawn on: uint8 RGB [H, W, 3]."""
