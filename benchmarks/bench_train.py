@@ -1,7 +1,7 @@
 """ms per training step (forward + backward + SGD step) of our R50-FPN against torchvision's fasterrcnn_resnet50_fpn.
 
 Both with random weights on the same random images and boxes (batch 2, ``--size`` H W, no resize inside either
-model), the same thread count, SGD (lr 0.02, momentum 0.9, weight decay 1e-4). torchvision's model is built as
+model), the same thread count, SGD (lr 1e-4, momentum 0.9, weight decay 1e-4). torchvision's model is built as
 ``fasterrcnn_resnet50_fpn`` builds it for fine-tuning (FrozenBatchNorm2d, 3 trainable stages), which is what our
 config does (NORM FrozenBN, FREEZE_AT 2): with ``weights_backbone=None`` torchvision would switch to trainable
 BatchNorm and 5 trainable stages, a different (slower) network. 80 classes. Rows, each a ratio to torchvision's step:
@@ -16,7 +16,12 @@ Then the data pipeline alone (`DatasetMapper` with the region store over PNG fil
 DataLoader with 0 and 2 workers): images/s against the base step's images/s. All variants alternate run by run in
 one process; medians.
 
+``--profile CONFIG`` instead profiles (torch.profiler) training steps of CONFIG on random images of its training
+size with 2-5 random boxes each, batch SOLVER.IMS_PER_BATCH, and prints the ops that take the time, e.g. the shapes
+world's ``configs/shapes/base.yaml``.
+
     python benchmarks/bench_train.py [--size 320 480] [--runs 5] [--threads 1]
+    python benchmarks/bench_train.py --profile configs/shapes/base.yaml [--runs 5]
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ from ovd.structures import ImageSample, Instances
 REPO = Path(__file__).resolve().parents[1]
 R50_FPN = "configs/bench/r50_fpn.yaml"
 NUM_CLASSES, DIM, BATCH, REGIONS = 80, 512, 2, 5
-SGD = dict(lr=0.02, momentum=0.9, weight_decay=1e-4)
+# a small learning rate keeps repeated steps of a random-init model finite; the step costs the same at any rate
+SGD = dict(lr=1e-4, momentum=0.9, weight_decay=1e-4)
 
 
 def random_boxes(rng: np.random.Generator, n: int, h: int, w: int) -> np.ndarray:
@@ -67,10 +73,12 @@ def make_store(path: Path, num_images: int, h: int, w: int) -> RegionStore:
     return writer.finalize([0])
 
 
-def ours_step(overrides: list[str], batch: Callable[[], list[ImageSample]]) -> Callable[[], None]:
-    cfg = load_config(REPO / R50_FPN, ["SOLVER.BASE_LR", str(SGD["lr"]), *overrides])
+def ours_step(overrides: list[str], batch: Callable[[], list[ImageSample]], *, config: str = R50_FPN,
+              num_classes: int = NUM_CLASSES) -> Callable[[], None]:
+    cfg = load_config(REPO / config, overrides)
     torch.manual_seed(0)
-    model = build_model(cfg, text_embeds=torch.randn(NUM_CLASSES, DIM)).train()
+    dim = cfg.MODEL.ROI_BOX_HEAD.ZEROSHOT_WEIGHT_DIM
+    model = build_model(cfg, text_embeds=torch.randn(num_classes, dim)).train()
     optimizer = build_optimizer(cfg, model)
     weights = loss_weights(cfg)
 
@@ -126,14 +134,43 @@ def loader_rate(mapper: DatasetMapper, records: list[ImageRecord], workers: int)
     return n / (time.perf_counter() - t)
 
 
+def profile(config: str, runs: int) -> None:
+    """Profile ``runs`` training steps of ``config`` (box-labelled batches) and print the ops by self CPU time."""
+    cfg = load_config(REPO / config)
+    h = w = cfg.INPUT.MIN_SIZE_TRAIN[0]
+    rng = np.random.default_rng(0)
+    def sample(i: int, n: int) -> ImageSample:
+        gt = Instances((h, w), gt_boxes=torch.from_numpy(random_boxes(rng, n, h, w)),
+                       gt_classes=torch.from_numpy(rng.integers(0, 11, n)))  # the shapes world's 11 base classes
+        image = torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8))
+        return ImageSample(image=image, image_id=i, orig_size=(h, w), gt=gt)
+
+    batches = [[sample(i, n) for i, n in enumerate(rng.integers(2, 6, cfg.SOLVER.IMS_PER_BATCH))]
+               for _ in range(runs + 1)]
+    it = iter(batches)
+    step = ours_step([], lambda: next(it), config=config, num_classes=16)
+    step()  # warm-up
+    t = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(runs):
+            step()
+    print(f"{config}: {(time.perf_counter() - t) / runs * 1e3:.0f} ms per step under the profiler, "
+          f"{torch.get_num_threads()} thread(s), batch {cfg.SOLVER.IMS_PER_BATCH} of {h}x{w}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, nargs=2, default=(320, 480), metavar=("H", "W"))
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--loader-images", type=int, default=64)
+    p.add_argument("--profile", metavar="CONFIG", help="profile training steps of this config instead")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.profile:
+        profile(args.profile, args.runs)
+        return
     h, w = args.size
     rng = np.random.default_rng(0)
     images = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for _ in range(BATCH)]
@@ -156,12 +193,17 @@ def main() -> None:
                                 image_labels=Instances((h, w), boxes=gt_boxes[i][:2], classes=gt_classes[i][:2]))
                     for i in range(BATCH)]
 
-        rkd = ["MODEL.DISTILLATION", "true", "MODEL.DISTIL_L1_LOSS_WEIGHT", "0.25", "MODEL.IRM_LOSS_WEIGHT", "0.13"]
+        # torchvision's pixel std (in 0-255 units) instead of the LVIS config's 1.0: a random-init R50 with
+        # identity FrozenBN on unscaled pixels reaches activations whose RPN boxes overflow after a few steps; the
+        # step's work does not depend on the scale
+        lr = ["SOLVER.BASE_LR", str(SGD["lr"]), "MODEL.PIXEL_STD", "[57.375, 57.12, 58.395]"]
+        rkd = lr + ["MODEL.DISTILLATION", "true", "MODEL.DISTIL_L1_LOSS_WEIGHT", "0.25",
+                    "MODEL.IRM_LOSS_WEIGHT", "0.13"]
         wt = rkd + ["MODEL.ROI_BOX_HEAD.WEIGHT_TRANSFER", "true"]
         tv_targets = [{"boxes": b, "labels": c + 1} for b, c in zip(gt_boxes, gt_classes)]
         steps = {
             "torchvision": torchvision_step([im.float() / 255 for im in images], tv_targets),
-            "base": ours_step([], box_batch(False)),
+            "base": ours_step(lr, box_batch(False)),
             "RKD": ours_step(rkd, box_batch(True)),
             "RKD+PIS+WT box batch": ours_step(wt, box_batch(True)),
             "RKD+PIS+WT image batch": ours_step(wt, image_batch),

@@ -62,13 +62,16 @@ class ExportableDetector(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, image: Tensor, orig_size: Tensor, text_embeds: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self, image: Tensor, orig_size: Tensor, text_embeds: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         m, heads = self.model, self.model.roi_heads
         # under the tracer the sizes are 0-d tensors it follows, so padding, anchors and clipping follow the input
         h, w = image.shape[-2], image.shape[-1]
         d = max(m.size_divisibility, 1)
         # OVDetector.preprocess for one image; its copy into a preallocated batch is invisible to the tracer
-        x = F.pad((image.float() - m.pixel_mean) / m.pixel_std, (0, (w + d - 1) // d * d - w, 0, (h + d - 1) // d * d - h))
+        padding = (0, (w + d - 1) // d * d - w, 0, (h + d - 1) // d * d - h)
+        x = F.pad((image.float() - m.pixel_mean) / m.pixel_std, padding)
         features = m.backbone(x[None])
         proposals, _ = m.rpn(features, [(h, w)])
         boxes = proposals[0].proposal_boxes
@@ -100,15 +103,12 @@ def export_onnx(
     path: str | os.PathLike,
     *,
     vocabulary_input: bool = False,
-    example_size: tuple[int, int] | None = None,
     opset: int = 17,
 ) -> Path:
     """Write ``detector`` (fused, on CPU) as an ONNX graph for images of any size up to its max size; see the
     module docstring for what the graph covers. ``vocabulary_input``: the text embeddings are an input (any
-    vocabulary, no re-export); else the current vocabulary is folded in. ``example_size``: the (h, w) of the traced
-    example (default: the test size, square), no constraint on later inputs. The vocabulary (when folded), channel
-    order and sizes are stored in the model's metadata (key ``"ovd"``) for `OnnxDetector`. ``detector`` is left
-    unchanged.
+    vocabulary, no re-export); else the current vocabulary is folded in. The vocabulary (when folded), channel order
+    and sizes are stored in the model's metadata (key ``"ovd"``) for `OnnxDetector`. ``detector`` is left unchanged.
 
     opset ≥ 16: RoIAlign's ``aligned`` mode (half-pixel coordinates) needs it.
     """
@@ -118,8 +118,9 @@ def export_onnx(
     if model.roi_heads.mask_head is not None:
         logger.warning("the ONNX graph gives boxes only: the mask head is not exported")
     module = ExportableDetector(model)
-    h, w = example_size or (detector.min_size, detector.min_size)
-    # a random example: a blank one gives a random model no proposals, and the tracer needs every step to run
+    # traced on one square example of the test size; the sizes stay dynamic. Random pixels: a blank image gives a
+    # random model no proposals, and the tracer needs every step to run
+    h = w = detector.min_size
     example = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)),
                torch.tensor([h, w], dtype=torch.int64)]
     dynamic = {"image": {1: "height", 2: "width"}, **{name: {0: "detections"} for name in OUTPUT_NAMES}}

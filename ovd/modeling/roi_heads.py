@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher, _topk_min
-from torchvision.ops import box_iou, nms
+from torchvision.ops import batched_nms, box_iou, nms
 
 from ovd.modeling.classifier import ZeroShotClassifier
 from ovd.modeling.losses import (
@@ -235,7 +235,9 @@ class ROIHeads(nn.Module):
         scores = torch.sigmoid(logits) if self.use_sigmoid_ce else torch.softmax(logits, dim=1)
         return self.postprocess(self.box_coder.decode_single(deltas, proposal_boxes), scores, image_size)
 
-    def postprocess(self, boxes: Tensor, scores: Tensor, image_size: tuple[int, int] | tuple[Tensor, Tensor]) -> Instances:
+    def postprocess(
+        self, boxes: Tensor, scores: Tensor, image_size: tuple[int, int] | tuple[Tensor, Tensor]
+    ) -> Instances:
         """detectron2's fast_rcnn_inference for class-agnostic boxes: threshold, (top-k), per-class NMS, cap.
 
         boxes: Tensor[N, 4]; scores: Tensor[N, C + 1] (background last, dropped). The one post-processing of eager
@@ -272,14 +274,19 @@ def dense_ranks(classes: Tensor) -> Tensor:
 
 
 def class_nms(boxes: Tensor, scores: Tensor, classes: Tensor, iou_threshold: float) -> Tensor:
-    """Per-class NMS (torchvision's batched_nms, coordinate trick): indices Tensor[K'] of the kept boxes, by
+    """Per-class NMS on the dense ranks of ``classes`` (`dense_ranks`): indices Tensor[K'] of the kept boxes, by
     decreasing score. boxes: Tensor[K, 4] xyxy, clipped to the image (≥ 0); scores: Tensor[K]; classes: Tensor[K].
 
-    Each class's boxes move by rank · (max coordinate + 1) so no two classes overlap, with the dense rank of the
-    class (`dense_ranks`) rather than its id: at 21k classes the ids' offsets reach ~3e7, where float32 spacing is
-    2 px and overlaps change; ranks stay below the candidate count. No early return on no box, so it traces.
+    torchvision's batched_nms moves each class's boxes by id · (max coordinate + 1) so that classes never overlap
+    (up to 1000 boxes on CPU; above, it runs one NMS per class: one NMS over N boxes is O(N²)). With raw ids at 21k
+    classes the offsets reach ~3e7, where float32 spacing is 2 px and overlaps change; dense ranks stay below the
+    candidate count. Under the ONNX tracer the same offsets are computed without torchvision's early return on no
+    box, a branch the tracer would freeze.
     """
+    ranks = dense_ranks(classes)
+    if not torch.jit.is_tracing():
+        return batched_nms(boxes, scores, ranks, iou_threshold)
     # boxes are clipped to ≥ 0, so the appended 0 changes no maximum and keeps max() defined on no box
     max_coordinate = torch.cat([boxes.flatten(), boxes.new_zeros(1)]).max()
-    offsets = dense_ranks(classes).to(boxes.dtype) * (max_coordinate + 1)
+    offsets = ranks.to(boxes.dtype) * (max_coordinate + 1)
     return nms(boxes + offsets[:, None], scores, iou_threshold)
