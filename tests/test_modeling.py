@@ -208,3 +208,34 @@ def test_class_nms_is_exact_per_class_nms_at_21k_classes():
     assert not torch.equal(_batched_nms_coordinate_trick(boxes, scores, classes, 0.5), exact)
     empty = class_nms(boxes[:0], scores[:0], classes[:0], 0.5)
     assert empty.shape == (0,) and torch.equal(nms(boxes[:0], scores[:0], 0.5), empty)
+
+
+@pytest.mark.parametrize("aligned,sampling_ratio,threads", [(True, 0, 1), (False, 0, 1), (True, 2, 1), (True, 0, 2)])
+def test_roi_align_backward_is_torchvisions_bit_for_bit(aligned, sampling_ratio, threads):
+    """Our CPU RoIAlign backward (`roi_align_input_grad`, used by ROIPooler in training) gives exactly torchvision's
+    gradient, so training numerics do not change; RoIs partly or wholly outside the map included."""
+    from torchvision.ops import roi_align
+
+    from ovd.modeling.poolers import _CPURoIAlign
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        feature = torch.randn(3, 16, 20, 25, generator=g, requires_grad=True)
+        xy = torch.rand(300, 2, generator=g) * 120 - 10
+        rois = torch.cat([torch.randint(0, 3, (300, 1), generator=g).float(), xy,
+                          xy + torch.rand(300, 2, generator=g) * 80], 1)
+        args = (7, 0.25, sampling_ratio, aligned)
+        ours = _CPURoIAlign.apply(feature, rois, *args)
+        theirs = roi_align(feature, rois, *args)
+        assert torch.equal(ours, theirs)
+        grad_out = torch.randn(ours.shape, generator=g)
+        (ours_grad,) = torch.autograd.grad(ours, feature, grad_out)
+        (theirs_grad,) = torch.autograd.grad(theirs, feature, grad_out)
+        assert torch.equal(ours_grad, theirs_grad)
+        empty = _CPURoIAlign.apply(feature, rois[:0], *args)
+        (empty_grad,) = torch.autograd.grad(empty.sum(), feature)
+        assert empty.shape == (0, 16, 7, 7) and not empty_grad.any()
+    finally:
+        torch.set_num_threads(old)
