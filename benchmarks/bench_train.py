@@ -111,14 +111,16 @@ def torchvision_step(images: list[torch.Tensor], targets: list[dict]) -> Callabl
 
 
 def alternate(steps: dict[str, Callable[[], None]], runs: int) -> dict[str, float]:
-    """Median ms of each step, the steps interleaved run by run (one warm-up each)."""
+    """Median ms of each step, the steps interleaved run by run (one warm-up each); the order rotates every run so
+    no step always follows the same one (cache and allocator state)."""
     for fn in steps.values():
         fn()
+    names = list(steps)
     times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(runs):
-        for k, fn in steps.items():
+    for i in range(runs):
+        for k in names[i % len(names):] + names[: i % len(names)]:
             t = time.perf_counter()
-            fn()
+            steps[k]()
             times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
