@@ -4,7 +4,8 @@ Both with random weights on the same random images and boxes (batch 2, ``--size`
 model), the same thread count, SGD (lr 1e-4, momentum 0.9, weight decay 1e-4). torchvision's model is built as
 ``fasterrcnn_resnet50_fpn`` builds it for fine-tuning (FrozenBatchNorm2d, 3 trainable stages), which is what our
 config does (NORM FrozenBN, FREEZE_AT 2): with ``weights_backbone=None`` torchvision would switch to trainable
-BatchNorm and 5 trainable stages, a different (slower) network. 80 classes. Rows, each a ratio to torchvision's step:
+BatchNorm and 5 trainable stages, a different (slower) network. 80 classes; our pixel std set to torchvision's
+(see `main`). Rows, each a ratio to torchvision's step:
 
 - base: configs/bench/r50_fpn.yaml, a box-labelled batch (RPN + RoI losses);
 - RKD: + distillation of 5 regions per image read from a region store (a synthetic one in a temp dir; the reads
@@ -14,7 +15,7 @@ BatchNorm and 5 trainable stages, a different (slower) network. 80 classes. Rows
 
 Then the data pipeline alone (`DatasetMapper` with the region store over PNG files in a temp dir, through a
 DataLoader with 0 and 2 workers): images/s against the base step's images/s. All variants alternate run by run in
-one process; medians.
+one process, in an order that rotates; medians.
 
 ``--profile CONFIG`` instead profiles (torch.profiler) training steps of CONFIG on random images of its training
 size with 2-5 random boxes each, batch SOLVER.IMS_PER_BATCH, and prints the ops that take the time, e.g. the shapes
