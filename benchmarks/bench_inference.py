@@ -6,13 +6,23 @@ thread count, run alternately in one process; median over the timed runs. Vocabu
 NMS (MODEL.ROI_HEADS.TOPK_CANDIDATES_TEST), as a deployment config would; with random weights the sigmoid scores
 are not calibrated, so without that cap the NMS input depends on noise.
 
-    python benchmarks/bench_inference.py [--runs 3] [--threads N]
+Second table: where the time goes, each row a ratio to our backbone + FPN alone (the floor any detector on it
+pays): eager `predict`, the fast setting (MODEL.RPN.POST_NMS_TOPK_TEST 300: a third of the RoI head's work), and the
+ONNX graph (`export_onnx`, 80 classes folded in) on onnxruntime's CPU provider with the same thread count. The RPN's
+box deltas are zeroed there (as in bench_vocabulary.py): a random RPN decodes into a few dozen degenerate boxes, the
+zeroed one proposes its top anchors, so the RoI head sees the ~1000 proposals per image a trained RPN gives.
+
+    python benchmarks/bench_inference.py [--runs 3] [--threads N] [--no-onnx]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import tempfile
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -20,7 +30,10 @@ import torchvision
 from PIL import Image
 from skimage import data as skdata
 
+from torch import nn
+
 from ovd.config import load_config
+from ovd.inference import Detector, TextEncoder, Vocabulary
 from ovd.modeling.build import build_model
 from ovd.structures import ImageSample
 from ovd.utils.timing import median_ms
@@ -29,10 +42,57 @@ REPO = Path(__file__).resolve().parents[1]
 R50_FPN = "configs/bench/r50_fpn.yaml"
 
 
+def stage_rows(photo: np.ndarray, runs: int, threads: int, onnx: bool) -> dict[str, float]:
+    """Median ms of backbone + FPN, eager predict, the fast setting and the ONNX graph, interleaved run by run."""
+    torch.manual_seed(0)
+    models = {}
+    settings = {"eager predict": [], "fast (POST_NMS_TOPK_TEST 300)": ["MODEL.RPN.POST_NMS_TOPK_TEST", "300"]}
+    for name, overrides in settings.items():
+        cfg = load_config(REPO / R50_FPN, overrides)
+        model = build_model(cfg, text_embeds=torch.randn(80, 512, generator=torch.Generator().manual_seed(1)))
+        if models:  # the same network in every row
+            model.load_state_dict(next(iter(models.values())).state_dict())
+        nn.init.zeros_(model.rpn.head.bbox_pred.weight)
+        nn.init.zeros_(model.rpn.head.bbox_pred.bias)
+        models[name] = model.eval()
+    det = Detector(models["eager predict"], vocabulary=Vocabulary.of([f"c{i}" for i in range(80)]),
+                   text_encoder=TextEncoder(None, unavailable="random vocabulary"), min_size=cfg.INPUT.MIN_SIZE_TEST,
+                   max_size=cfg.INPUT.MAX_SIZE_TEST)
+    sample = det.to_sample(photo)
+    model = models["eager predict"]
+    calls: dict[str, Callable[[], object]] = {
+        "backbone + FPN": lambda: model.backbone(model.preprocess([sample])[0]),
+        **{name: (lambda m=m: m.predict([sample])) for name, m in models.items()},
+    }
+    if onnx:
+        import onnxruntime
+
+        from ovd.inference.export import export_onnx
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        with tempfile.TemporaryDirectory() as tmp:
+            path = export_onnx(det, Path(tmp) / "r50_fpn.onnx")
+            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feeds = {"image": sample.image.numpy(), "orig_size": np.asarray(sample.orig_size, dtype=np.int64)}
+        calls["ONNX on onnxruntime"] = lambda: session.run(None, feeds)
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    with torch.inference_mode():
+        for fn in calls.values():
+            fn()  # warm-up
+        for _ in range(runs):
+            for k, fn in calls.items():
+                t = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--no-onnx", action="store_true", help="leave out the ONNX row (no export, no onnxruntime)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     photo = np.array(Image.fromarray(skdata.coffee()).resize((1200, 800), Image.BILINEAR))  # H 800, W 1200
@@ -58,6 +118,11 @@ def main() -> None:
     print(f"{'classes':>8} {'ours ms':>9} {'torchvision ms':>15} {'ratio':>6}")
     for c, a, b, r in rows:
         print(f"{c:>8} {a:>9.0f} {b:>15.0f} {r:>6.2f}")
+    stages = stage_rows(photo, args.runs, args.threads, not args.no_onnx)
+    print(f"our R50-FPN by stage, 80 classes, RPN deltas zeroed, median of {args.runs} runs interleaved")
+    print(f"{'':<32} {'ms':>7} {'/ backbone':>11}")
+    for k, v in stages.items():
+        print(f"{k:<32} {v:>7.0f} {v / stages['backbone + FPN']:>11.2f}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ class Instances:
     """
 
     def __init__(self, image_size: tuple[int, int], **fields: Any) -> None:
-        object.__setattr__(self, "image_size", (int(image_size[0]), int(image_size[1])))
+        if not torch.jit.is_tracing():  # a trace keeps the sizes as the tensors it follows (dynamic ONNX sizes)
+            image_size = (int(image_size[0]), int(image_size[1]))
+        object.__setattr__(self, "image_size", (image_size[0], image_size[1]))
         object.__setattr__(self, "_fields", {})
         for k, v in fields.items():
             self.set(k, v)

@@ -68,18 +68,18 @@ def test_demo_tool(files, tmp_path, capsys):
 
 
 def test_exporter(files):
-    """The exporter's input size and `resize_for_model` agree on the clamped size, and the graph's module runs on it
-    (the ONNX round trip itself is tests/test_onnx_export.py's)."""
+    """The graph's module runs on the clamped 1x128 input of a 20x20000 image and maps boxes back into it (the
+    ONNX round trip itself is tests/test_onnx_export.py's)."""
     from ovd.inference.detector_api import resize_for_model
     from ovd.inference.export import ExportableDetector
 
     det = Detector.from_config(CONFIG, files.weights, overrides=files.overrides + ALL_SCORES)
-    module = ExportableDetector(det.model.eval(), image_size=(20, 20000), min_size=det.min_size, max_size=det.max_size)
+    module = ExportableDetector(det.model.eval())
     chw = resize_for_model(noise(20, 20000), min_size=det.min_size, max_size=det.max_size,
                            model_format=det.model.input_format)
-    assert module.input_size == chw.shape[1:] == (1, 128)
+    assert chw.shape[1:] == (1, 128)
     with torch.no_grad():
-        boxes, scores, classes = module(torch.from_numpy(chw))
+        boxes, scores, classes = module(torch.from_numpy(chw), torch.tensor([20, 20000]))
     assert len(boxes) > 0 and (boxes[:, [0, 2]] <= 20000).all() and (boxes[:, [1, 3]] <= 20).all()
 
 

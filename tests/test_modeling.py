@@ -180,3 +180,62 @@ def test_build_rejects_wrong_embedding_dim_and_features():
     cfg = load_config("configs/shapes/base.yaml", TINY_OVERRIDES + ["MODEL.RPN.IN_FEATURES", "[res4]"])
     with pytest.raises(ValueError, match="res4.*does not produce"):
         build_model(cfg, text_embeds=torch.randn(4, 32))
+
+
+def test_dense_ranks():
+    from ovd.modeling.roi_heads import dense_ranks
+
+    assert dense_ranks(torch.tensor([7, 20999, 7, 3])).tolist() == [1, 2, 1, 0]
+    assert dense_ranks(torch.zeros(0, dtype=torch.int64)).tolist() == []
+
+
+def test_class_nms_is_exact_per_class_nms_at_21k_classes():
+    """Per-class NMS on dense ranks keeps what NMS run class by class keeps, where class ids in the 20k range would
+    not: their coordinate offsets (~3e7) leave float32 a 2 px spacing, and overlaps change."""
+    from torchvision.ops import nms
+    from torchvision.ops.boxes import _batched_nms_coordinate_trick, _batched_nms_vanilla
+
+    from ovd.modeling.roi_heads import class_nms
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(1000, 2, generator=g) * 100  # crowded: many overlaps near the threshold
+    boxes = torch.cat([xy, xy + 8 + torch.rand(1000, 2, generator=g) * 40], dim=1)
+    scores = torch.rand(1000, generator=g)
+    classes = 20000 + torch.randint(0, 1000, (1000,), generator=g) // 50  # 20 classes of 50 boxes on average
+    exact = _batched_nms_vanilla(boxes, scores, classes, 0.5)
+    assert torch.equal(class_nms(boxes, scores, classes, 0.5), exact)
+    # the same trick on the raw ids does differ here, so this test can see a regression to raw ids
+    assert not torch.equal(_batched_nms_coordinate_trick(boxes, scores, classes, 0.5), exact)
+    empty = class_nms(boxes[:0], scores[:0], classes[:0], 0.5)
+    assert empty.shape == (0,) and torch.equal(nms(boxes[:0], scores[:0], 0.5), empty)
+
+
+@pytest.mark.parametrize("aligned,sampling_ratio,threads", [(True, 0, 1), (False, 0, 1), (True, 2, 1), (True, 0, 2)])
+def test_roi_align_backward_is_torchvisions_bit_for_bit(aligned, sampling_ratio, threads):
+    """Our CPU RoIAlign backward (`roi_align_input_grad`, used by ROIPooler in training) gives exactly torchvision's
+    gradient, so training numerics do not change; RoIs partly or wholly outside the map included."""
+    from torchvision.ops import roi_align
+
+    from ovd.modeling.poolers import _CPURoIAlign
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(0)
+        feature = torch.randn(3, 16, 20, 25, generator=g, requires_grad=True)
+        xy = torch.rand(300, 2, generator=g) * 120 - 10
+        rois = torch.cat([torch.randint(0, 3, (300, 1), generator=g).float(), xy,
+                          xy + torch.rand(300, 2, generator=g) * 80], 1)
+        args = (7, 0.25, sampling_ratio, aligned)
+        ours = _CPURoIAlign.apply(feature, rois, *args)
+        theirs = roi_align(feature, rois, *args)
+        assert torch.equal(ours, theirs)
+        grad_out = torch.randn(ours.shape, generator=g)
+        (ours_grad,) = torch.autograd.grad(ours, feature, grad_out)
+        (theirs_grad,) = torch.autograd.grad(theirs, feature, grad_out)
+        assert torch.equal(ours_grad, theirs_grad)
+        empty = _CPURoIAlign.apply(feature, rois[:0], *args)
+        (empty_grad,) = torch.autograd.grad(empty.sum(), feature)
+        assert empty.shape == (0, 16, 7, 7) and not empty_grad.any()
+    finally:
+        torch.set_num_threads(old)

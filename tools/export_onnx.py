@@ -1,12 +1,14 @@
-"""Export a detector to ONNX for one image size, with a vocabulary baked in (the classifier fused).
+"""Export a detector to ONNX for images of any size, its vocabulary folded in or (--vocabulary-input) an input.
 
     python tools/export_onnx.py --config-file configs/shapes/base.yaml --weights output/shapes/base/model_final.pth \\
-        --vocabulary shapes --image-size 160 160 --output output/shapes/detector.onnx \\
+        --vocabulary shapes --output output/shapes/detector.onnx \\
         --check datasets/shapes/images/val/000000.png MODEL.DEVICE cpu
 
-The graph takes the resized image (uint8 [3, h, w], model channel order) and returns boxes in original pixels,
-scores and class indices (see `ovd.inference.export`); `OnnxDetector` reads, resizes and runs it. --check runs an
-image of that size through onnxruntime and through PyTorch and prints how far apart they are.
+The graph takes the resized image (uint8 [3, h, w], model channel order, any h, w up to INPUT.MAX_SIZE_TEST) and the
+original (H, W), and returns boxes in original pixels, scores and class indices (see `ovd.inference.export`);
+`OnnxDetector` reads, resizes and runs it. With --vocabulary-input the graph also takes the text embeddings
+[C, D] (any C), so a deployment changes its words without exporting again. --check runs an image through
+onnxruntime and through PyTorch (with the --vocabulary given) and prints how far apart they are.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from ovd.inference.export import OnnxDetector, export_onnx
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), required=True,
-                   help="height and width of the original images the graph will take")
+    p.add_argument("--vocabulary-input", action="store_true",
+                   help="the graph takes the normalised text embeddings [C, D] as an input instead of folding in "
+                        "the --vocabulary")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--output", required=True, help="the .onnx file")
-    p.add_argument("--check", metavar="IMAGE", help="an image of --image-size: compare onnxruntime with PyTorch on it")
+    p.add_argument("--check", metavar="IMAGE", help="an image: compare onnxruntime with PyTorch on it")
     add_detector_arguments(p)
     return p.parse_args(argv)
 
@@ -38,14 +41,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         detector = detector_from_args(args, device="cpu")
-        path = export_onnx(detector, args.output, image_size=tuple(args.image_size), opset=args.opset)
+        path = export_onnx(detector, args.output, vocabulary_input=args.vocabulary_input, opset=args.opset)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {path}: {len(detector.vocabulary)} classes, {args.image_size[0]}x{args.image_size[1]} images")
+    vocab = "the vocabulary an input" if args.vocabulary_input else f"{len(detector.vocabulary)} classes"
+    print(f"wrote {path}: {vocab}, images up to {detector.max_size} px")
     if args.check:
         image = read_image(args.check)
-        eager, onnx = detector(image), OnnxDetector(path)(image)
+        exported = OnnxDetector(path)
+        if args.vocabulary_input:
+            exported.set_vocabulary(detector.vocabulary,
+                                    detector.model.roi_heads.box_predictor.cls_score.text_embeds.cpu().numpy())
+        eager, onnx = detector(image), exported(image)
         print(f"check on {args.check}: PyTorch {len(eager)} detections, onnxruntime {len(onnx)}")
         if len(eager) != len(onnx) or not np.array_equal(eager.class_ids, onnx.class_ids):
             print("error: the detections differ", file=sys.stderr)

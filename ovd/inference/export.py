@@ -1,20 +1,25 @@
-"""ONNX export of a detector for one fixed image size, with its vocabulary folded in (`OVDetector.fuse`).
+"""ONNX export of a detector: any image size, and the vocabulary either folded in or an input of the graph.
 
-What the graph covers: input ``image``, uint8 [3, h, w], the image already resized by the test-time resize
-(`resize_for_model`) and in the model's channel order; then normalisation and padding, backbone, RPN (anchors,
-pre-NMS top-k, box decoding, clipping, per-level NMS, post-NMS top-k), multi-level RoIAlign, box head, fused
-classifier and box regression, and detectron2's post-processing (score threshold, top-k candidates, per-class NMS,
-detection cap), then boxes scaled back to the original (H, W) fixed at export. Outputs ``boxes`` float32 [K, 4]
-xyxy in original pixels, ``scores`` float32 [K], ``classes`` int64 [K] (indices into the baked vocabulary). Not in
-the graph: reading and resizing the image (`OnnxDetector` does both) and masks (a mask head is left out).
+What the graph covers: inputs ``image``, uint8 [3, h, w], the image already resized by the test-time resize
+(`resize_for_model`, so any h, w up to the config's max size) and in the model's channel order; ``orig_size``,
+int64 [2], the (H, W) of the original image; and with ``vocabulary_input``, ``text_embeds``, float32 [C, D], the
+vocabulary's text embeddings (any C; normalised in the graph). Then normalisation and padding, backbone, RPN
+(anchors, pre-NMS top-k, box decoding, clipping, per-level NMS, post-NMS top-k), multi-level RoIAlign, box head,
+fused classifier and box regression, and the model's own post-processing (`ROIHeads.detections`: score threshold,
+top-k candidates, per-class NMS on dense class ranks, detection cap), then boxes scaled back to ``orig_size``
+(`rescale`). Outputs ``boxes`` float32 [K, 4] xyxy in original pixels, ``scores`` float32 [K], ``classes`` int64
+[K] (indices into the vocabulary). Not in the graph: reading and resizing the image (`OnnxDetector` does both)
+and masks (a mask head is left out).
 
-The TorchScript tracer records one run, so every data-dependent Python branch would be frozen at its trace-time
-value. `ExportableDetector` therefore reuses the model's modules but replaces the three steps that branch on data:
-the multi-level RoI pooling (skips empty levels; here every level pools every box and the box's own level is
-selected, 4x the RoIAlign work on FPN), the detection top-k (only when there are more candidates than k) and
-torchvision's batched NMS (returns early when there is no box). One branch stays frozen: the RPN drops proposals
-with non-finite coordinates only when there are some, so the graph never drops them (only a diverged model makes
-them).
+The exporter is the TorchScript tracer with dynamic axes. torch's current exporter was tried first (torch 2.14,
+torchvision 0.29): ``torch.onnx.export(..., dynamo=True)`` needs onnxscript, which this environment lacks, and
+``torch.export.export(strict=False)`` with dynamic h, w, C stops at data-dependent guards: first the RPN's
+``if not valid.all()`` (now gone: inference always selects the finite proposals), then torchvision's
+``batched_nms``, which branches on ``boxes.numel() > 4000`` where the count comes out of a boolean selection (an
+unbacked size); every NMS and threshold in the pipeline is such a selection. The tracer records one run instead, so
+the modelling code it runs has no Python branch on data (shapes read from tensors stay dynamic: the tracer follows
+them). `ExportableDetector` replaces one step only: the multi-level RoI pooling, which skips empty levels eagerly;
+here every level pools every box and the box's own level is selected (4x the RoIAlign work on FPN).
 """
 
 from __future__ import annotations
@@ -30,80 +35,50 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.detection._utils import _topk_min
-from torchvision.ops import clip_boxes_to_image, nms
 
-from ovd.data.mapper import shortest_edge_size
 from ovd.inference.detector_api import Detections, Detector, resize_for_model
 from ovd.inference.visualize import ImageInput, as_rgb_array
+from ovd.inference.vocabulary import Vocabulary
 from ovd.modeling.detector import OVDetector, rescale
 from ovd.modeling.poolers import ROIPooler
-from ovd.structures import Instances
 
 __all__ = ["ExportableDetector", "OnnxDetector", "export_onnx", "pool_every_level"]
 
 logger = logging.getLogger(__name__)
 
 METADATA_KEY = "ovd"
-INPUT_NAME = "image"
+INPUT_NAMES = ("image", "orig_size", "text_embeds")
 OUTPUT_NAMES = ("boxes", "scores", "classes")
 
 
 class ExportableDetector(nn.Module):
-    """`OVDetector.predict` on one image of a fixed size, free of data-dependent Python control flow.
+    """`OVDetector.predict` on one image, free of data-dependent Python control flow, for the ONNX tracer.
 
-    image_size: (H, W) of the original images; the input is their resize to ``input_size`` (h, w).
+    forward(image uint8 Tensor[3, h, w], orig_size int64 Tensor[2][, text_embeds Tensor[C, D]]) → boxes Tensor[K, 4]
+    (original pixels), scores Tensor[K], classes Tensor[K]. ``model`` must be fused for ``text_embeds``.
     """
 
-    def __init__(self, model: OVDetector, *, image_size: tuple[int, int], min_size: int, max_size: int) -> None:
+    def __init__(self, model: OVDetector) -> None:
         super().__init__()
         self.model = model
-        self.image_size = (int(image_size[0]), int(image_size[1]))
-        self.input_size = shortest_edge_size(*self.image_size, min_size, max_size)
-        h, w = self.input_size
-        d = max(model.size_divisibility, 1)
-        self.padding = (0, (w + d - 1) // d * d - w, 0, (h + d - 1) // d * d - h)
 
-    def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """image: uint8 Tensor[3, h, w] → boxes Tensor[K, 4] (original pixels), scores Tensor[K], classes
-        Tensor[K]."""
+    def forward(
+        self, image: Tensor, orig_size: Tensor, text_embeds: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         m, heads = self.model, self.model.roi_heads
+        # under the tracer the sizes are 0-d tensors it follows, so padding, anchors and clipping follow the input
+        h, w = image.shape[-2], image.shape[-1]
+        d = max(m.size_divisibility, 1)
         # OVDetector.preprocess for one image; its copy into a preallocated batch is invisible to the tracer
-        x = F.pad((image.float() - m.pixel_mean) / m.pixel_std, self.padding)[None]
-        features = m.backbone(x)
-        proposals, _ = m.rpn(features, [self.input_size])
+        padding = (0, (w + d - 1) // d * d - w, 0, (h + d - 1) // d * d - h)
+        x = F.pad((image.float() - m.pixel_mean) / m.pixel_std, padding)
+        features = m.backbone(x[None])
+        proposals, _ = m.rpn(features, [(h, w)])
         boxes = proposals[0].proposal_boxes
         pooled = pool_every_level(heads.pooler, [features[f] for f in heads.in_features], boxes)
-        logits, deltas = heads.box_predictor(heads.box_head(pooled))
-        scores = torch.sigmoid(logits) if heads.use_sigmoid_ce else torch.softmax(logits, dim=1)
-        detections = self.postprocess(heads.box_coder.decode_single(deltas, boxes), scores)
-        out = rescale(detections, self.image_size)
+        logits, deltas = heads.box_predictor(heads.box_head(pooled), text_embeds)
+        out = rescale(heads.detections(logits, deltas, boxes, (h, w)), orig_size)
         return out.pred_boxes, out.scores, out.pred_classes
-
-    def postprocess(self, boxes: Tensor, scores: Tensor) -> Instances:
-        """`ROIHeads.postprocess` (boxes Tensor[N, 4], scores Tensor[N, C + 1]) as one graph: the top-k of all
-        (proposal, class) scores, then the threshold, selects the same candidates as the threshold then the top-k."""
-        heads = self.model.roi_heads
-        # a row's sum is finite exactly when all its scores (in [0, 1]) are: one reduction instead of C + 1 checks
-        valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores.sum(dim=1))
-        boxes, scores = clip_boxes_to_image(boxes[valid], self.input_size), scores[valid, :-1]
-        num_classes = scores.shape[1]
-        flat = scores.flatten()
-        if heads.topk_candidates:
-            cand_scores, idx = flat.topk(_topk_min(flat, heads.topk_candidates, 0))
-            keep = cand_scores > heads.score_thresh
-            cand_scores, idx = cand_scores[keep], idx[keep]
-        else:
-            idx = torch.nonzero(flat > heads.score_thresh)[:, 0]
-            cand_scores = flat[idx]
-        cand_boxes, classes = boxes[idx // num_classes], idx % num_classes
-        # torchvision's batched_nms (its coordinate trick, which it also runs eagerly for up to 1000 candidates on
-        # CPU) without its early return on no boxes; boxes are clipped to >= 0, so the appended 0 changes no maximum
-        max_coordinate = torch.cat([cand_boxes.flatten(), cand_boxes.new_zeros(1)]).max()
-        offsets = classes.to(cand_boxes.dtype) * (max_coordinate + 1)
-        keep = nms(cand_boxes + offsets[:, None], cand_scores, heads.nms_thresh)[: heads.detections_per_image]
-        return Instances(self.input_size, pred_boxes=cand_boxes[keep], scores=cand_scores[keep],
-                         pred_classes=classes[keep])
 
 
 def pool_every_level(pooler: ROIPooler, features: list[Tensor], boxes: Tensor) -> Tensor:
@@ -124,11 +99,16 @@ def pool_every_level(pooler: ROIPooler, features: list[Tensor], boxes: Tensor) -
 
 
 def export_onnx(
-    detector: Detector, path: str | os.PathLike, *, image_size: tuple[int, int], opset: int = 17
+    detector: Detector,
+    path: str | os.PathLike,
+    *,
+    vocabulary_input: bool = False,
+    opset: int = 17,
 ) -> Path:
-    """Write ``detector`` (fused, on CPU, its current vocabulary) as an ONNX graph for original images of
-    ``image_size`` (H, W); see the module docstring for what the graph covers. The vocabulary, channel order and
-    sizes are stored in the model's metadata (key ``"ovd"``) for `OnnxDetector`. ``detector`` is left unchanged.
+    """Write ``detector`` (fused, on CPU) as an ONNX graph for images of any size up to its max size; see the
+    module docstring for what the graph covers. ``vocabulary_input``: the text embeddings are an input (any
+    vocabulary, no re-export); else the current vocabulary is folded in. The vocabulary (when folded), channel order
+    and sizes are stored in the model's metadata (key ``"ovd"``) for `OnnxDetector`. ``detector`` is left unchanged.
 
     opset ≥ 16: RoIAlign's ``aligned`` mode (half-pixel coordinates) needs it.
     """
@@ -137,23 +117,32 @@ def export_onnx(
     model = copy.deepcopy(detector.model).cpu().eval().fuse()
     if model.roi_heads.mask_head is not None:
         logger.warning("the ONNX graph gives boxes only: the mask head is not exported")
-    module = ExportableDetector(model, image_size=image_size, min_size=detector.min_size, max_size=detector.max_size)
-    example = torch.zeros((3, *module.input_size), dtype=torch.uint8)
+    module = ExportableDetector(model)
+    # traced on one square example of the test size; the sizes stay dynamic. Random pixels: a blank image gives a
+    # random model no proposals, and the tracer needs every step to run
+    h = w = detector.min_size
+    example = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)),
+               torch.tensor([h, w], dtype=torch.int64)]
+    dynamic = {"image": {1: "height", 2: "width"}, **{name: {0: "detections"} for name in OUTPUT_NAMES}}
+    if vocabulary_input:
+        example.append(model.roi_heads.box_predictor.cls_score.text_embeds.clone())
+        dynamic["text_embeds"] = {0: "classes"}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset,
-                          input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES))
+        torch.onnx.export(module, tuple(example), str(path), dynamo=False, opset_version=opset,
+                          input_names=list(INPUT_NAMES[: len(example)]), output_names=list(OUTPUT_NAMES),
+                          dynamic_axes=dynamic)
     import onnx  # the export extra; only needed here
 
     graph = onnx.load(str(path))
     vocab = detector.vocabulary
     meta = {
-        "class_names": list(vocab.names),
-        "category_ids": list(vocab.category_ids),
+        "vocabulary_input": vocabulary_input,
+        "class_names": None if vocabulary_input else list(vocab.names),
+        "category_ids": None if vocabulary_input else list(vocab.category_ids),
+        "embed_dim": int(model.roi_heads.box_predictor.cls_score.logit_weight.shape[1]),
         "input_format": model.input_format,
-        "image_size": list(module.image_size),
-        "input_size": list(module.input_size),
         "min_size": detector.min_size,
         "max_size": detector.max_size,
     }
@@ -163,7 +152,10 @@ def export_onnx(
 
 
 class OnnxDetector:
-    """An exported detector run by onnxruntime: ``OnnxDetector(path)(image)`` → `Detections`, as `Detector`."""
+    """An exported detector run by onnxruntime: ``OnnxDetector(path)(image)`` → `Detections`, as `Detector`.
+
+    A graph with its vocabulary as an input needs `set_vocabulary` (names and their text embeddings) first.
+    """
 
     def __init__(self, path: str | os.PathLike, *, providers: Sequence[str] = ("CPUExecutionProvider",)) -> None:
         import onnxruntime  # the export extra; only needed here
@@ -173,23 +165,42 @@ class OnnxDetector:
         if meta is None:
             raise ValueError(f"{path} was not written by ovd's export_onnx (no {METADATA_KEY!r} metadata)")
         self.meta = json.loads(meta)
-        self.image_size = tuple(self.meta["image_size"])
+        self.vocabulary: Vocabulary | None = None
+        self.text_embeds: np.ndarray | None = None
+        if not self.meta["vocabulary_input"]:
+            self.vocabulary = Vocabulary(tuple(self.meta["class_names"]), tuple(self.meta["category_ids"]))
+
+    def set_vocabulary(self, vocabulary: Vocabulary | Sequence[str], text_embeds: np.ndarray) -> None:
+        """Detect these classes from now on: their names and text embeddings ([C, D], from the detector's CLIP text
+        model, e.g. `Detector.text_encoder` or tools/dump_text_embeddings.py). Needs a ``--vocabulary-input`` graph."""
+        if not self.meta["vocabulary_input"]:
+            raise ValueError("this ONNX graph has its vocabulary folded in; export with vocabulary_input=True "
+                             "(--vocabulary-input) to change it")
+        vocab = vocabulary if isinstance(vocabulary, Vocabulary) else Vocabulary.of(list(vocabulary))
+        embeds = np.ascontiguousarray(text_embeds, dtype=np.float32)
+        if embeds.shape != (len(vocab), self.meta["embed_dim"]):
+            raise ValueError(f"text embeddings must be [{len(vocab)}, {self.meta['embed_dim']}] for {len(vocab)} "
+                             f"names, got {list(embeds.shape)}")
+        self.vocabulary, self.text_embeds = vocab, embeds
 
     def __call__(self, image: ImageInput, *, input_format: str = "RGB") -> Detections:
-        """Detections in ``image`` (path, PIL or uint8 array in ``input_format``) of the exported size."""
+        """Detections in ``image`` (path, PIL or uint8 array in ``input_format``)."""
+        if self.vocabulary is None:
+            raise ValueError("this ONNX graph takes the vocabulary as an input: call set_vocabulary(names, "
+                             "text_embeds) first")
         rgb = as_rgb_array(image, input_format)
-        if rgb.shape[:2] != self.image_size:
-            raise ValueError(f"this ONNX model was exported for {self.image_size[0]}x{self.image_size[1]} images, "
-                             f"got {rgb.shape[0]}x{rgb.shape[1]}; export again with that size")
         chw = resize_for_model(rgb, min_size=self.meta["min_size"], max_size=self.meta["max_size"],
                                model_format=self.meta["input_format"])
-        boxes, scores, classes = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: chw})
-        names = self.meta["class_names"]
+        feeds = {"image": chw, "orig_size": np.asarray(rgb.shape[:2], dtype=np.int64)}
+        if self.text_embeds is not None:
+            feeds["text_embeds"] = self.text_embeds
+        boxes, scores, classes = self.session.run(list(OUTPUT_NAMES), feeds)
+        names = self.vocabulary.names
         return Detections(
             boxes=boxes.astype(np.float32),
             scores=scores.astype(np.float32),
             class_ids=classes.astype(np.int64),
             class_names=[names[i] for i in classes.tolist()],
-            category_ids=np.asarray(self.meta["category_ids"], dtype=np.int64)[classes],
-            image_size=self.image_size,
+            category_ids=np.asarray(self.vocabulary.category_ids, dtype=np.int64)[classes],
+            image_size=rgb.shape[:2],
         )

@@ -151,9 +151,14 @@ class FusedClassifier(nn.Module):
         if text_embeds.ndim != 2 or text_embeds.shape[1] != embed_dim:
             raise ValueError(f"vocabulary embeddings must be [C, {embed_dim}], got {list(text_embeds.shape)}")
         device = self.logit_weight.device
-        weight = self.temperature * F.normalize(text_embeds.float(), dim=1)
-        self.logit_weight = F.pad(weight, (0, 0, 0, 1)).to(device)
-        self.logit_bias = torch.full((len(weight) + 1,), self.bias, device=device)
+        weight, bias = self.fold(text_embeds.float().to(device))
+        self.logit_weight, self.logit_bias = weight, bias
+
+    def fold(self, text_embeds: Tensor) -> tuple[Tensor, Tensor]:
+        """The logit weight Tensor[C + 1, D] (τ·T, zero background row) and bias Tensor[C + 1] of a vocabulary
+        (Tensor[C, D]; normalised here). Trace-safe: a graph whose vocabulary is an input folds it on each run."""
+        weight = F.pad(self.temperature * F.normalize(text_embeds, dim=1), (0, 0, 0, 1))
+        return weight, torch.full_like(weight[:, 0], self.bias)
 
     def project(self, x: Tensor) -> Tensor:
         """The embedding scored (Tensor[N, D]), as the unfused classifier's `project`."""
@@ -162,7 +167,9 @@ class FusedClassifier(nn.Module):
     def fuse(self) -> FusedClassifier:
         return self
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits Tensor[N, C + 1] for region features ``x`` (Tensor[N, in_dim]); the last column is background."""
+    def forward(self, x: Tensor, text_embeds: Tensor | None = None) -> Tensor:
+        """Logits Tensor[N, C + 1] for region features ``x`` (Tensor[N, in_dim]); the last column is background.
+        ``text_embeds`` (Tensor[C', D]): score against this vocabulary instead of the folded one."""
+        weight, bias = (self.logit_weight, self.logit_bias) if text_embeds is None else self.fold(text_embeds)
         z = F.normalize(self.projection(x), dim=1)
-        return F.linear(z, self.logit_weight.to(z.dtype), self.logit_bias.to(z.dtype))
+        return F.linear(z, weight.to(z.dtype), bias.to(z.dtype))

@@ -129,14 +129,17 @@ class OVDetector(ImageModel):
         return self
 
 
-def rescale(results: Instances, out_size: tuple[int, int]) -> Instances:
+def rescale(results: Instances, out_size: tuple[int, int] | Tensor) -> Instances:
     """Map boxes from the resized image to ``out_size`` (h, w), clip, drop empty boxes, and paste masks at that
-    size (detectron2's detector_postprocess)."""
+    size (detectron2's detector_postprocess). Trace-safe: the ONNX graph takes ``out_size`` as an input and its
+    resized size from the image's shape, so both may be tensors here."""
     h, w = results.image_size
-    oh, ow = out_size
-    boxes = results.pred_boxes * results.pred_boxes.new_tensor([ow / w, oh / h, ow / w, oh / h])
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, ow)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, oh)
+    oh, ow = out_size[0], out_size[1]
+    # the scale in float64, as Python's ow / w, then float32; stacked from tensors where the tracer follows them
+    sizes = torch.stack([v if isinstance(v, Tensor) else torch.tensor(v) for v in (ow, oh, w, h)]).to(torch.float64)
+    scale = (sizes[:2] / sizes[2:]).to(results.pred_boxes.dtype)
+    boxes = results.pred_boxes * scale.repeat(2)
+    boxes = torch.minimum(boxes.clamp(min=0), sizes[:2].to(boxes.dtype).repeat(2))
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     fields = {k: v[keep] for k, v in results.fields().items()}
     fields["pred_boxes"] = boxes[keep]
@@ -144,4 +147,3 @@ def rescale(results: Instances, out_size: tuple[int, int]) -> Instances:
     if probs is not None:
         fields["pred_masks"] = paste_masks(probs, fields["pred_boxes"], out_size)
     return Instances(out_size, **fields)
-

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
-from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher, _topk_min
+from torchvision.ops import batched_nms, box_iou, nms
 
 from ovd.modeling.classifier import ZeroShotClassifier
 from ovd.modeling.losses import (
@@ -21,7 +21,7 @@ from ovd.modeling.losses import (
 )
 from ovd.modeling.mask_head import MaskHead, mask_loss, mask_targets
 from ovd.modeling.poolers import ROIPooler
-from ovd.modeling.rpn import BBOX_CLAMP
+from ovd.modeling.rpn import BBOX_CLAMP, clip_boxes
 from ovd.structures import Instances
 
 
@@ -73,9 +73,11 @@ class BoxPredictor(nn.Module):
         nn.init.zeros_(self.bbox_pred[2].bias)
         self.register_buffer("freq_weight", freq_weight.float())
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Logits Tensor[N, C + 1] and deltas Tensor[N, 4] for box features Tensor[N, in_dim]."""
-        return self.cls_score(x), self.bbox_pred(x)
+    def forward(self, x: Tensor, text_embeds: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Logits Tensor[N, C + 1] and deltas Tensor[N, 4] for box features Tensor[N, in_dim]; ``text_embeds``
+        (Tensor[C', D]) scores another vocabulary than the classifier's own (fused classifiers only)."""
+        logits = self.cls_score(x) if text_embeds is None else self.cls_score(x, text_embeds)
+        return logits, self.bbox_pred(x)
 
 
 class ROIHeads(nn.Module):
@@ -216,11 +218,9 @@ class ROIHeads(nn.Module):
         """Detections per image (``pred_boxes`` xyxy in the resized image, ``scores``, ``pred_classes``)."""
         boxes = [p.proposal_boxes for p in proposals]
         logits, deltas = self.box_predictor(self.box_features(features, boxes))
-        scores = torch.sigmoid(logits) if self.use_sigmoid_ce else torch.softmax(logits, dim=1)
-        out = []
-        for props, s, d in zip(proposals, scores.split([len(b) for b in boxes]), deltas.split([len(b) for b in boxes])):
-            pred = self.box_coder.decode_single(d, props.proposal_boxes)
-            out.append(self.postprocess(pred, s, props.image_size))
+        sizes = [len(b) for b in boxes]
+        out = [self.detections(lg, d, props.proposal_boxes, props.image_size)
+               for props, lg, d in zip(proposals, logits.split(sizes), deltas.split(sizes))]
         if self.mask_head is not None:
             feats = [features[f] for f in self.in_features]
             probs = self.mask_head(self.mask_pooler(feats, [r.pred_boxes for r in out])).sigmoid()[:, 0]
@@ -228,30 +228,65 @@ class ROIHeads(nn.Module):
                 r.pred_mask_probs = p
         return out
 
-    def postprocess(self, boxes: Tensor, scores: Tensor, image_size: tuple[int, int]) -> Instances:
+    def detections(self, logits: Tensor, deltas: Tensor, proposal_boxes: Tensor,
+                   image_size: tuple[int, int] | tuple[Tensor, Tensor]) -> Instances:
+        """One image's detections from its box predictions: logits Tensor[N, C + 1], deltas Tensor[N, 4] of
+        ``proposal_boxes`` Tensor[N, 4]. Trace-safe: the exported graph (`ovd.inference.export`) runs this too."""
+        scores = torch.sigmoid(logits) if self.use_sigmoid_ce else torch.softmax(logits, dim=1)
+        return self.postprocess(self.box_coder.decode_single(deltas, proposal_boxes), scores, image_size)
+
+    def postprocess(
+        self, boxes: Tensor, scores: Tensor, image_size: tuple[int, int] | tuple[Tensor, Tensor]
+    ) -> Instances:
         """detectron2's fast_rcnn_inference for class-agnostic boxes: threshold, (top-k), per-class NMS, cap.
 
-        boxes: Tensor[N, 4]; scores: Tensor[N, C + 1] (background last, dropped).
+        boxes: Tensor[N, 4]; scores: Tensor[N, C + 1] (background last, dropped). The one post-processing of eager
+        inference and of the ONNX graph, so it has no Python branch on data: the tracer would freeze it.
         """
         # one isfinite over the row sums: a per-element check costs more than the NMS at 21k classes
         valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores.sum(dim=1))
-        if not valid.all():
-            boxes, scores = boxes[valid], scores[valid]
-        scores = scores[:, :-1]
-        boxes = clip_boxes_to_image(boxes, image_size)
+        # the row selection also drops the background column: one copy, which flattening the [:, :-1] view needs anyway
+        boxes, scores = clip_boxes(boxes[valid], image_size), scores[valid, :-1]
+        num_classes = scores.shape[1]
         flat_scores = scores.reshape(-1)
         if self.topk_candidates:
             # top-k of all (proposal, class) scores, then the threshold: the same candidates as threshold-then-top-k,
-            # without materialising every candidate above the threshold
-            cand_scores, flat = flat_scores.topk(min(self.topk_candidates, flat_scores.numel()))
+            # without materialising every candidate above the threshold; _topk_min keeps k dynamic in a trace
+            cand_scores, flat = flat_scores.topk(_topk_min(flat_scores, self.topk_candidates, 0))
             keep = cand_scores > self.score_thresh
             cand_scores, flat = cand_scores[keep], flat[keep]
         else:
             flat = torch.nonzero(flat_scores > self.score_thresh)[:, 0]
             cand_scores = flat_scores[flat]
-        rows, classes = flat // scores.shape[1], flat % scores.shape[1]
+        rows, classes = flat // num_classes, flat % num_classes
         cand_boxes = boxes[rows]
-        # dense class ranks keep batched_nms's per-class coordinate offsets small (exact in float32 at 21k classes)
-        _, ranks = torch.unique(classes, return_inverse=True)
-        keep = batched_nms(cand_boxes, cand_scores, ranks, self.nms_thresh)[: self.detections_per_image]
+        keep = class_nms(cand_boxes, cand_scores, classes, self.nms_thresh)[: self.detections_per_image]
         return Instances(image_size, pred_boxes=cand_boxes[keep], scores=cand_scores[keep], pred_classes=classes[keep])
+
+
+def dense_ranks(classes: Tensor) -> Tensor:
+    """Each class id's rank among the distinct ids present (Tensor[K] int64 → Tensor[K] in 0..K'-1), e.g.
+    [7, 20999, 7, 3] → [1, 2, 1, 0]. A sort, so its cost follows the candidates, not the vocabulary."""
+    sorted_ids, order = classes.sort()
+    # 1 where a new id starts in sorted order; the first element always starts one (an empty input stays empty)
+    starts = torch.cat([torch.ones_like(sorted_ids[:1]), (sorted_ids[1:] != sorted_ids[:-1]).to(sorted_ids.dtype)])
+    return torch.empty_like(classes).scatter(0, order, starts.cumsum(0) - 1)
+
+
+def class_nms(boxes: Tensor, scores: Tensor, classes: Tensor, iou_threshold: float) -> Tensor:
+    """Per-class NMS on the dense ranks of ``classes`` (`dense_ranks`): indices Tensor[K'] of the kept boxes, by
+    decreasing score. boxes: Tensor[K, 4] xyxy, clipped to the image (≥ 0); scores: Tensor[K]; classes: Tensor[K].
+
+    torchvision's batched_nms moves each class's boxes by id · (max coordinate + 1) so that classes never overlap
+    (up to 1000 boxes on CPU; above, it runs one NMS per class: one NMS over N boxes is O(N²)). With raw ids at 21k
+    classes the offsets reach ~3e7, where float32 spacing is 2 px and overlaps change; dense ranks stay below the
+    candidate count. Under the ONNX tracer the same offsets are computed without torchvision's early return on no
+    box, a branch the tracer would freeze.
+    """
+    ranks = dense_ranks(classes)
+    if not torch.jit.is_tracing():
+        return batched_nms(boxes, scores, ranks, iou_threshold)
+    # boxes are clipped to ≥ 0, so the appended 0 changes no maximum and keeps max() defined on no box
+    max_coordinate = torch.cat([boxes.flatten(), boxes.new_zeros(1)]).max()
+    offsets = ranks.to(boxes.dtype) * (max_coordinate + 1)
+    return nms(boxes + offsets[:, None], scores, iou_threshold)

@@ -13,14 +13,22 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher, _topk_min
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
+from torchvision.ops import batched_nms, box_iou
 
 from ovd.modeling.losses import smooth_l1_sum
 from ovd.structures import Instances
 
 BBOX_CLAMP = math.log(1000.0 / 16)
+
+
+def clip_boxes(boxes: Tensor, image_size: tuple[int, int] | tuple[Tensor, Tensor]) -> Tensor:
+    """Boxes Tensor[N, 4] (xyxy) clipped to the image (h, w): torchvision's clip_boxes_to_image, but also for a size
+    the ONNX tracer follows (0-d tensors read from a dynamic input's shape), which torchvision's would freeze."""
+    h, w = image_size
+    limits = torch.stack([w, h, w, h]).to(boxes.dtype) if isinstance(h, Tensor) else boxes.new_tensor([w, h, w, h])
+    return torch.minimum(boxes.clamp(min=0), limits)
 
 
 class AnchorGenerator(nn.Module):
@@ -134,7 +142,8 @@ class RPN(nn.Module):
         Tensor[B, k, 4]), sorted by logit."""
         out = []
         for a, lg, dl in zip(anchors, logits, deltas):
-            b, k = lg.shape[0], min(self.pre_nms_topk[training], lg.shape[1])
+            # _topk_min: min(k, anchors) that the ONNX tracer keeps dynamic (the anchor count follows the image size)
+            b, k = lg.shape[0], _topk_min(lg, self.pre_nms_topk[training], 1)
             lg, idx = lg.topk(k, dim=1)
             dl = dl[torch.arange(b, device=lg.device)[:, None], idx]
             boxes = self.box_coder.decode_single(dl.reshape(-1, 4), a[idx.reshape(-1)]).view(b, k, 4)
@@ -161,11 +170,11 @@ class RPN(nn.Module):
         for i, size in enumerate(image_sizes):
             boxes, scores, lvl = top_boxes[i], top_logits[i], level_ids
             valid = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
-            if not valid.all():
-                if training:
-                    raise FloatingPointError("RPN predicted non-finite boxes or logits; training has diverged")
-                boxes, scores, lvl = boxes[valid], scores[valid], lvl[valid]
-            boxes = clip_boxes_to_image(boxes, size)
+            if training and not valid.all():
+                raise FloatingPointError("RPN predicted non-finite boxes or logits; training has diverged")
+            # always selected at inference (a few thousand rows): no branch on data for the ONNX tracer to freeze
+            boxes, scores, lvl = boxes[valid], scores[valid], lvl[valid]
+            boxes = clip_boxes(boxes, size)
             wh = boxes[:, 2:] - boxes[:, :2]
             keep = (wh > self.min_size).all(dim=1)
             boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
