@@ -31,7 +31,7 @@ from ovd.clip import load_clip
 from ovd.clip.regions import RegionPreprocessor, crop_regions, encode_regions, select_regions
 from ovd.data.catalog import DatasetSpec
 from ovd.data.datasets import load_coco_json
-from ovd.data.mapper import read_image
+from ovd.data.images import read_image
 from ovd.data.proposals import load_proposals, make_oracle_proposals
 from ovd.clip.region_extraction import extract_region_embeddings
 from ovd.data.shapes import make_shapes_world

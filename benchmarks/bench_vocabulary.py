@@ -1,4 +1,4 @@
-"""Cost of the vocabulary size at inference, and of setting a vocabulary (issue #8).
+"""Cost of the vocabulary size at inference, and of setting a vocabulary.
 
 1. ms per image of `ovd.Detector` on CPU: random-init R50-FPN (bench_inference.py's model, top 1000 (proposal,
    class) candidates before NMS), an 800x1200 photo (scikit-image's coffee, upscaled), batch 1, vocabularies of

@@ -1,4 +1,4 @@
-"""A catalogue of bad inputs (issue #9): each row is one mistake a user can make, the exception it raises and what
+"""A catalogue of bad inputs: each row is one mistake a user can make, the exception it raises and what
 its message must name — the file, key, id or value at fault. `docs/ERRORS.md` lists the same cases by id.
 
 In the patterns, ``<tmp>`` stands for the test's tmp_path, ``<weights>`` for the tiny detector's checkpoint.

@@ -7,7 +7,8 @@ from PIL import Image
 
 from ovd.data.catalog import DatasetSpec, get_dataset
 from ovd.data.datasets import load_coco_json
-from ovd.data.mapper import DatasetMapper, ResizeFlip, shortest_edge_size
+from ovd.data.images import ResizeFlip, shortest_edge_size
+from ovd.data.mapper import DatasetMapper
 from ovd.data.samplers import InferenceBatchSampler, TrainingBatchSampler
 
 

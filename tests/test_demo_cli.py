@@ -1,4 +1,4 @@
-"""`tools/demo.py` (issue #8): folders, globs, videos, vocabularies, and bad inputs reported without stopping."""
+"""`tools/demo.py`: folders, globs, videos, vocabularies, and bad inputs reported without stopping."""
 
 import json
 import os

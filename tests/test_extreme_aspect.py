@@ -1,4 +1,4 @@
-"""Images of any size >= 1x1 are detected (issue 14): under the long-side cap an extreme aspect ratio used to round
+"""Images of any size >= 1x1 are detected: under the long-side cap an extreme aspect ratio used to round
 the short side to 0 px, and the resize refused the image. Every path that resizes is covered: the size rule itself,
 `ovd.Detector`, `tools/demo.py`, the ONNX exporter and the training mapper."""
 
@@ -11,7 +11,8 @@ from PIL import Image
 
 from ovd.config import load_config
 from ovd.data.datasets import ImageRecord
-from ovd.data.mapper import DatasetMapper, shortest_edge_size
+from ovd.data.images import shortest_edge_size
+from ovd.data.mapper import DatasetMapper
 from ovd.inference import Detector
 from ovd.modeling.build import build_model
 

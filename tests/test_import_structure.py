@@ -88,3 +88,10 @@ def test_no_subpackage_imports_itself_back():
 def test_the_walker_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_inference_asks_data_through_its_public_names():
+    """`ovd.inference` imports `ovd.data` (its __init__'s names), never a module inside it."""
+    reached = {m: deps for m, deps in _graph().items() if m.startswith("ovd.inference")}
+    inside = {m: sorted(d for d in deps if d.startswith("ovd.data.")) for m, deps in reached.items()}
+    assert {m: d for m, d in inside.items() if d} == {}

@@ -1,4 +1,4 @@
-"""The inference API (issue #8): `ovd.Detector`, vocabularies and their text-embedding cache, fuse, drawing."""
+"""The inference API: `ovd.Detector`, vocabularies and their text-embedding cache, fuse, drawing."""
 
 import copy
 import os

@@ -12,7 +12,7 @@ from ovd.config import load_config
 from ovd.data.build import build_train_loader, load_train_datasets
 from ovd.data.catalog import DatasetSpec, register_dataset
 from ovd.data.datasets import load_coco_json
-from ovd.data.mapper import ResizeFlip
+from ovd.data.images import ResizeFlip
 from ovd.modeling.build import build_model
 from ovd.modeling.mask_head import mask_targets
 from ovd.structures import PolygonMasks

@@ -18,7 +18,8 @@ import torch
 from torchvision.ops import box_iou
 
 from ovd.data.datasets import ImageRecord
-from ovd.data.mapper import DatasetMapper, read_image
+from ovd.data.images import read_image
+from ovd.data.mapper import DatasetMapper
 from ovd.engine.checkpoint import CheckpointError, load_model_state, read_checkpoint
 from ovd.modeling.detectron2_checkpoint import convert_detectron2_state
 from ovd.modeling.detector import rescale

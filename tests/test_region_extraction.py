@@ -13,7 +13,7 @@ from PIL import Image
 
 from ovd.clip import load_clip
 from ovd.clip.regions import RegionPreprocessor, crop_regions, encode_regions, select_regions
-from ovd.data.mapper import read_image
+from ovd.data.images import read_image
 from ovd.data.proposals import save_proposals
 from ovd.clip.region_extraction import extract_region_embeddings
 from ovd.data.region_store import RegionStore

@@ -1,4 +1,4 @@
-"""Files from elsewhere are data, never code (issue #9): no loader in the package, the tools or the benchmarks can run
+"""Files from elsewhere are data, never code: no loader in the package, the tools or the benchmarks can run
 code hidden in a file, and image paths in annotation files stay inside their image folder.
 
 The source check parses each file with `ast`, so calls spread over several lines, aliases (``import pickle as pk``,

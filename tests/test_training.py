@@ -111,3 +111,22 @@ def test_two_process_ddp_with_box_and_image_labelled_batches(tiny_world, true_ps
     launch(_ddp_worker, 2, use_cuda=False, args=(cfg,))
     rows = metrics(tmp_path)
     assert any("loss_pms" in r for r in rows) and any("loss_rpn_cls" in r for r in rows)
+
+
+def test_initial_weights_keep_this_runs_class_counts(tiny_world, tmp_path):
+    """MODEL.WEIGHTS brings learned weights, not the class counts of the data it was trained on: fine-tuning on data
+    that boxes fewer classes must see zero counts for the others (IGNORE_ZERO_CATS then leaves them out)."""
+    from ovd.data.build import load_train_datasets
+    from ovd.engine.trainer import build_for_training, load_weights
+
+    cfg = cfg_for(tiny_world, tmp_path)
+    model, _ = build_for_training(cfg, load_train_datasets(cfg))
+    own = model.roi_heads.box_predictor.freq_weight.clone()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["roi_heads.box_predictor.freq_weight"] = torch.full_like(own, 7.0)  # another run's counts
+    key = next(k for k in state if k.endswith(".weight") and state[k].is_floating_point())
+    state[key] = state[key] + 1.0  # a learned weight that must be loaded
+    torch.save({"model": state}, tmp_path / "other.pth")
+    load_weights(model, str(tmp_path / "other.pth"))
+    assert torch.equal(model.roi_heads.box_predictor.freq_weight, own) and (own == 0).any()
+    assert torch.equal(model.state_dict()[key], state[key])

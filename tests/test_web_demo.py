@@ -1,4 +1,4 @@
-"""The detection page (issue 16): its functions without a browser, and the page itself in headless Chromium.
+"""The detection page: its functions without a browser, and the page itself in headless Chromium.
 
 The browser test needs Debian's ``chromium`` (/usr/bin/chromium; `.ci/run` installs it) and the ``playwright``
 package; set OVD_WEB_DEMO_SCREENSHOT=docs/web_demo.png to keep its screenshot for the README.

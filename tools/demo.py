@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ovd.data.mapper import read_image
+from ovd.data import read_image
 from ovd.engine.checkpoint import CheckpointError
 from ovd.engine.setup import setup_logging
 from ovd.inference import Detections, Detector

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ovd.data.mapper import read_image
+from ovd.data.images import read_image
 from ovd.engine.checkpoint import CheckpointError
 from ovd.inference.cli import add_detector_arguments, detector_from_args
 from ovd.inference.export import OnnxDetector, export_onnx

@@ -26,7 +26,7 @@ from ovd.clip.models import ClipBundle
 from ovd.clip.regions import RegionPreprocessor, crop_regions, encode_regions, select_regions
 from ovd.data.catalog import DatasetSpec
 from ovd.data.datasets import load_coco_json
-from ovd.data.mapper import read_image
+from ovd.data.images import read_image
 from ovd.data.proposals import load_proposals
 from ovd.data.region_store import RegionStoreWriter
 

@@ -27,7 +27,7 @@ from PIL import Image
 
 from ovd.clip.models import CONFIG_FILENAME, WEIGHTS_FILENAME, ClipBundle, load_clip, save_clip
 from ovd.clip.text import DEFAULT_TEMPLATES, encode_text
-from ovd.data.mapper import read_image
+from ovd.data.images import read_image
 from ovd.data.shapes import default_shapes_root, load_shapes_meta, shapes_split_paths
 from ovd.utils.io import read_json, write_json
 

@@ -125,10 +125,19 @@ def build_for_training(cfg: Config, datasets: list[DetectionDataset]) -> tuple[I
     return model, vocab.meta.get("model")
 
 
+# Buffers that describe this run's training data, not learned weights: a model initialised from another run's
+# checkpoint keeps its own (fine-tuning on data that boxes fewer classes must not inherit their counts, or the classes
+# it never sees become negatives everywhere; IGNORE_ZERO_CATS needs this run's zeros).
+RUN_DATA_BUFFERS = ("roi_heads.box_predictor.freq_weight",)
+
+
 def load_weights(model: ImageModel, path: str) -> None:
     """Initialise from MODEL.WEIGHTS (an `ovd`, bare or detectron2-format checkpoint); parts the checkpoint lacks
-    (e.g. the weight-transfer layers when starting from the RKD model) keep their initialisation."""
-    missing = load_model_state(model, read_checkpoint(path)["model"], source=path, allow_missing=True)
+    (e.g. the weight-transfer layers when starting from the RKD model) keep their initialisation, and so do the
+    buffers of this run's training data (`RUN_DATA_BUFFERS`)."""
+    state = {k: v for k, v in read_checkpoint(path)["model"].items() if k not in RUN_DATA_BUFFERS}
+    missing = load_model_state(model, state, source=path, allow_missing=True)
+    missing = [k for k in missing if k not in RUN_DATA_BUFFERS]
     logger.info("loaded weights from %s%s", path, f"; not in it, kept as initialised: {', '.join(missing)}" if missing else "")
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ovd.clip.models import LOCAL_DIR_PREFIX
 from ovd.clip.text import TextEmbeddings, load_text_embeddings
 from ovd.config import load_config
-from ovd.data.mapper import ResizeFlip, shortest_edge_size
+from ovd.data import test_transform
 from ovd.engine.checkpoint import CheckpointError, load_model_state, read_checkpoint
 from ovd.evaluation import coco_results
 from ovd.inference.visualize import ImageInput, as_rgb_array, draw_detections
@@ -256,7 +256,7 @@ def resize_for_model(image: np.ndarray, *, min_size: int, max_size: int, model_f
     """uint8 [3, h, w] in ``model_format`` channel order from uint8 RGB [H, W, 3]: the test-time resize of
     `DatasetMapper` (shortest edge to ``min_size``, long edge at most ``max_size``, PIL bilinear)."""
     h, w = image.shape[:2]
-    resized = ResizeFlip((h, w), shortest_edge_size(h, w, min_size, max_size)).apply_image(image)
+    resized = test_transform(h, w, min_size=min_size, max_size=max_size).apply_image(image)
     if model_format == "BGR":
         resized = resized[:, :, ::-1]
     return np.ascontiguousarray(resized.transpose(2, 0, 1))

@@ -31,8 +31,7 @@ from torchvision.ops import nms
 from tqdm import tqdm
 
 from ovd.config import Config, config_to_yaml
-from ovd.data.datasets import DetectionDataset, ImageRecord
-from ovd.data.proposals import Proposals, load_proposals, save_proposals
+from ovd.data import DetectionDataset, ImageRecord, Proposals, load_proposals, save_proposals
 from ovd.engine.checkpoint import load_model_state, read_checkpoint
 from ovd.engine.setup import select_device
 from ovd.evaluation.proposal_recall import proposal_recall

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from ovd.data.mapper import read_image
+from ovd.data import read_image
 
 __all__ = ["ImageInput", "as_rgb_array", "class_color", "draw_detections", "label_style", "place_labels"]
 

@@ -28,10 +28,7 @@ from ovd.clip.text import (
     read_lines,
     save_text_embeddings,
 )
-from ovd.data.ov_splits import COCO_CATEGORIES
-from ovd.data.shapes import SHAPES_CATEGORIES
-from ovd.utils.io import read_json
-from ovd.utils.paths import datasets_root
+from ovd.data import VOCABULARY_NAMES, named_vocabulary
 
 __all__ = [
     "PRESETS",
@@ -46,7 +43,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PRESETS = ("coco", "lvis", "shapes")
+PRESETS = VOCABULARY_NAMES
 
 
 @dataclass(frozen=True)
@@ -71,27 +68,10 @@ class Vocabulary:
         return len(self.names)
 
 
-def lvis_annotation_file() -> Path:
-    """Where the ``lvis`` preset reads the LVIS v1 categories: ``$OVD_DATASETS/lvis/lvis_v1_val.json``."""
-    return datasets_root() / "lvis" / "lvis_v1_val.json"
-
-
 def preset_vocabulary(name: str) -> Vocabulary:
-    """``coco`` (80 names, COCO ids), ``lvis`` (the 1203 LVIS v1 categories, read from the official annotation file
-    — see `lvis_annotation_file`; ``_`` read as a space) or ``shapes`` (the 16 shapes-world categories, their ids)."""
-    if name == "coco":
-        return Vocabulary(tuple(n for _, n in COCO_CATEGORIES), tuple(i for i, _ in COCO_CATEGORIES))
-    if name == "lvis":
-        path = lvis_annotation_file()
-        if not path.is_file():
-            raise FileNotFoundError(f"the lvis vocabulary is read from the LVIS v1 annotation file, not found: {path} "
-                                    "(see datasets/README.md; or pass the names yourself)")
-        categories = sorted(read_json(path, what="LVIS annotation file")["categories"], key=lambda c: c["id"])
-        # Prompts read "a photo of a bat (animal)", as Detic's embeddings of the LVIS names do.
-        return Vocabulary(tuple(c["name"].replace("_", " ") for c in categories), tuple(c["id"] for c in categories))
-    if name == "shapes":
-        return Vocabulary(tuple(c["name"] for c in SHAPES_CATEGORIES), tuple(c["id"] for c in SHAPES_CATEGORIES))
-    raise ValueError(f"unknown vocabulary preset {name!r}; presets: {', '.join(PRESETS)}")
+    """The named vocabulary ``name`` (`ovd.data.vocabularies`: coco, lvis, shapes) with its category ids."""
+    names, ids = named_vocabulary(name)
+    return Vocabulary(tuple(names), tuple(ids))
 
 
 def parse_vocabulary(spec: str) -> Vocabulary | Path:

@@ -43,8 +43,7 @@ from PIL import Image
 from torchvision.ops import box_iou
 
 from ovd.config import load_config
-from ovd.data.catalog import get_dataset
-from ovd.data.mapper import read_image
+from ovd.data import get_dataset, read_image
 from ovd.inference.detector_api import Detections, Detector
 from ovd.inference.visualize import draw_detections
 from ovd.inference.vocabulary import PRESETS, Vocabulary, preset_vocabulary

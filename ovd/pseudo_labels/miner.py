@@ -45,7 +45,7 @@ from tqdm import tqdm
 from ovd.clip.models import ClipBundle
 from ovd.clip.regions import RegionPreprocessor, crop_regions, encode_regions, select_regions
 from ovd.data.datasets import DetectionDataset, ImageRecord
-from ovd.data.mapper import read_image
+from ovd.data.images import read_image
 from ovd.data.proposals import Proposals, load_proposals
 from ovd.data.region_store import RegionStore
 from ovd.utils.io import read_json, remove_partial_files, write_json
