@@ -147,11 +147,17 @@ def _check_proposal_model(model, cfg):
 
 @pytest.mark.parametrize("path", [c for c in CONFIGS if "/shapes/" not in c])
 def test_config_datasets_are_catalogued(path, tmp_path, monkeypatch):
-    """Every dataset a COCO/LVIS config names is a catalogue entry; without the files, the error says how to make them."""
-    from ovd.data.catalog import get_dataset
+    """Every dataset a COCO/LVIS config names is a catalogue entry or declared in the config (DATASETS.CUSTOM);
+    without the files, the error names the file (and, for the catalogue's, says how to make it)."""
+    import re
+
+    from ovd.data.catalog import get_dataset, register_config_datasets
 
     monkeypatch.setenv("OVD_DATASETS", str(tmp_path))
     cfg = load_config(path)
+    register_config_datasets(cfg.DATASETS.CUSTOM)
+    declared = {e.NAME: e.JSON for e in cfg.DATASETS.CUSTOM}
     for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
-        with pytest.raises(FileNotFoundError, match=rf"{tmp_path}/\S+\.json"):
+        where = re.escape(declared[name]) if name in declared else rf"{tmp_path}/\S+\.json"
+        with pytest.raises(FileNotFoundError, match=where):
             get_dataset(name)
