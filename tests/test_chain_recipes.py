@@ -117,3 +117,16 @@ def test_custom_datasets_resolve_against_the_declaring_file(tmp_path, monkeypatc
     assert spec.json_file == data / "train.json" and spec.image_root == data / "images"
     assert spec.novel_category_ids == (7,) and get_dataset("rel_tags").novel_category_ids == (1, 7)
     assert train_ann_types(cfg) == ["box", "image"]  # DATALOADER.DATASET_ANN's default: each dataset's ANN_TYPE
+
+
+def test_run_chain_takes_the_teacher_as_the_other_tools_do():
+    from tools_loader import load_tool
+
+    run_chain = load_tool("run_chain")
+    args = run_chain.parse_args(["--config-file", str(SHAPES / "chain.yaml"), "--model", "ViT-B-32", "--pretrained",
+                                 "openai", "SEED", "3"])
+    cfg = load_config(SHAPES / "chain.yaml", run_chain.config_overrides(args))
+    assert (cfg.CHAIN.CLIP_MODEL, cfg.CHAIN.CLIP_PRETRAINED, cfg.SEED) == ("ViT-B-32", "openai", 3)
+    assert text_embeddings_path(cfg).name == "ViT-B-32_openai.npy"
+    plain = run_chain.parse_args(["--config-file", str(SHAPES / "chain.yaml")])
+    assert load_config(SHAPES / "chain.yaml", run_chain.config_overrides(plain)).CHAIN.CLIP_MODEL.startswith("local-dir:")

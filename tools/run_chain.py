@@ -210,19 +210,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-train", type=int, default=2000, help="CHAIN.PREPARE shapes: training images")
     p.add_argument("--num-val", type=int, default=300, help="CHAIN.PREPARE shapes: val images")
     p.add_argument("--teacher-steps", type=int, default=600, help="CHAIN.PREPARE shapes: toy teacher steps")
+    p.add_argument("--model", help="the teacher, as elsewhere: an open_clip name (ViT-B-32) or local-dir:/path "
+                   "(default: CHAIN.CLIP_MODEL)")
+    p.add_argument("--pretrained", help="its weights: an open_clip tag (openai) or a local file (default: "
+                   "CHAIN.CLIP_PRETRAINED)")
     p.add_argument("--pseudo-threshold", type=float, help="miner's score threshold (default: the miner's)")
     p.add_argument("--output", help="folder of the training runs, one per stage (default: OUTPUT_DIR)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every training stage")
     return p.parse_args(argv)
 
 
+def config_overrides(args: argparse.Namespace) -> list[str]:
+    """The trailing overrides, with --model / --pretrained as the CHAIN keys they stand for."""
+    teacher = (["CHAIN.CLIP_MODEL", args.model] if args.model else []) + \
+        (["CHAIN.CLIP_PRETRAINED", args.pretrained] if args.pretrained is not None else [])
+    return [*args.opts, *teacher]
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     args = parse_args(argv)
     t0 = time.perf_counter()
-    cfg = load_config(args.config_file, args.opts)
+    opts = config_overrides(args)
+    cfg = load_config(args.config_file, opts)
     register_config_datasets(cfg.DATASETS.CUSTOM)
     out = Path(args.output or cfg.OUTPUT_DIR)
-    chain = Chain(args.config_file, cfg, out, list(args.opts))
+    chain = Chain(args.config_file, cfg, out, opts)
     source = args.proposals or cfg.CHAIN.PROPOSALS.lower()
     if source not in PROPOSAL_SOURCES:
         raise ValueError(f"CHAIN.PROPOSALS {cfg.CHAIN.PROPOSALS!r}: expected OLN, RPN or oracle")
@@ -279,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     images = [str(test_spec.image_root / r["file_name"]) for r in read_json(test_spec.json_file)["images"][:6]]
     run(PY + ["tools/demo.py", "--config-file", args.config_file, "--weights", str(out / last / "model_final.pth"),
               "--input", *images, "--confidence-threshold", "0.5", "--output", str(out / "demo_images"),
-              *stage_overrides(cfg, last, chain.paths(source), chain.text), *args.opts])
+              *stage_overrides(cfg, last, chain.paths(source), chain.text), *opts])
     print()
     for stage, r in results.items():
         print(format_results_table(r, title=f"{stage} on {test} (AP in %)"), "\n")
