@@ -9,7 +9,6 @@ import os
 import runpy
 import shutil
 import socket
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -296,8 +295,8 @@ def test_page_in_headless_chromium(demo, files, photo_png, tmp_path):
             assert json.loads(page.input_value("#coco-json textarea")) == expected
             href = page.locator("#download a").first.get_attribute("href")
             url = href if href.startswith("http") else f"http://127.0.0.1:{port}{href}"
-            with urllib.request.urlopen(url, timeout=10) as response:
-                assert json.loads(response.read()) == expected
+            assert url.startswith(f"http://127.0.0.1:{port}/"), url  # the page's own server, nothing outside
+            assert page.request.get(url, timeout=10000).json() == expected  # through the browser's session
             page.locator("#result img").first.wait_for()
             shot = tmp_path / "web_demo.png"
             page.screenshot(path=str(shot), full_page=True)
