@@ -50,10 +50,6 @@ def fine_tune_data(out: Path, num_classes: int) -> tuple[Path, list[str], list[s
     return path, [names[i] for i in sorted(tuned)], [names[i] for i in sorted(names) if i not in tuned]
 
 
-def novel_names(spec, novel_ids: set[int]) -> set[str]:
-    return {c["name"] for c in read_json(spec.json_file)["categories"] if c["id"] in novel_ids}
-
-
 def run(cmd: list[str], log: Path) -> None:
     print("$ python", " ".join(cmd), f"> {log}", flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -105,13 +101,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         results[name] = read_json(metrics)["ft_val"]
     wall = time.perf_counter() - t0
     novel = set(val.novel_category_ids)
+    by_name = {c["name"]: c["id"] for c in read_json(val.json_file)["categories"]}
 
     def mean_ap50(r: dict, classes: list[str]) -> float:
-        by_name = {c["name"]: c["id"] for c in read_json(val.json_file)["categories"]}
         return 100 * sum(r["per_category_AP50"][str(by_name[n])] for n in classes) / len(classes)
 
-    absent_base = [n for n in absent if n not in novel_names(val, novel)]
-    absent_novel = [n for n in absent if n in novel_names(val, novel)]
+    never_boxed = {n for n, i in by_name.items() if i in novel}
+    absent_base = [n for n in absent if n not in never_boxed]
+    absent_novel = [n for n in absent if n in never_boxed]
     table = "\n".join([
         "| model | AP50 fine-tuned classes | AP50 absent classes | absent: other base | absent: novel (never boxed) |",
         "|---|---|---|---|---|"] + [

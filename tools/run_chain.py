@@ -26,6 +26,7 @@ folder per stage, with `chain_results.json` (the manifest and final table, updat
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -167,11 +168,12 @@ class Chain:
         return read_json(paths["pseudo"]).get("info", {})
 
     def paths(self, source: str) -> dict[str, Path]:
-        return source_paths(self.cfg, source, separate_image_store=self._separate_image_store())
+        return source_paths(self.cfg, source, separate_image_store=self._separate_image_store)
 
+    @functools.cached_property
     def _separate_image_store(self) -> bool:
         """Whether the image-labelled images need proposals and regions of their own (not all among the box
-        source's images, in the same folder)."""
+        source's images, in the same folder). Read once: a COCO-size file takes seconds to parse."""
         if self.sources.image is None:
             return False
         box, image = get_dataset(self.sources.box), get_dataset(self.sources.image)
