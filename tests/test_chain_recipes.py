@@ -107,6 +107,7 @@ def test_custom_datasets_resolve_against_the_declaring_file(tmp_path, monkeypatc
     (tmp_path / "project" / "base.yaml").write_text(
         "DATASETS:\n  CUSTOM:\n    - {NAME: rel_train, JSON: data/train.json, IMAGES: data/images, NOVEL: [dog]}\n"
         "    - {NAME: rel_tags, JSON: data/train.json, IMAGES: data/images, NOVEL: ['7', cup], ANN_TYPE: image}\n"
+        "    - {NAME: val, JSON: data/train.json, IMAGES: data/images}\n"  # a shapes split's name, not a built-in one
         "  TRAIN: [rel_train, rel_tags]\n")
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "mine.yaml").write_text("_BASE_: ../project/base.yaml\n")
@@ -116,6 +117,7 @@ def test_custom_datasets_resolve_against_the_declaring_file(tmp_path, monkeypatc
     spec = get_dataset("rel_train")
     assert spec.json_file == data / "train.json" and spec.image_root == data / "images"
     assert spec.novel_category_ids == (7,) and get_dataset("rel_tags").novel_category_ids == (1, 7)
+    assert get_dataset("val").json_file == data / "train.json"
     assert train_ann_types(cfg) == ["box", "image"]  # DATALOADER.DATASET_ANN's default: each dataset's ANN_TYPE
 
 

@@ -61,7 +61,8 @@ def register_config_datasets(entries: list[CustomDatasetConfig]) -> None:
             raise ValueError(f"{where} ({entry.NAME}): ANN_TYPE {entry.ANN_TYPE!r}; expected one of {ANN_TYPES}")
         if entry.CAPTIONS and entry.ANN_TYPE != "image":
             raise ValueError(f"{where} ({entry.NAME}): CAPTIONS make image-level labels; set ANN_TYPE: image")
-        if entry.NAME in _BUILTIN or entry.NAME.removeprefix("shapes_") in SHAPES_SPLITS:
+        split = entry.NAME[len("shapes_"):] if entry.NAME.startswith("shapes_") else None
+        if entry.NAME in _BUILTIN or split in SHAPES_SPLITS:
             raise ValueError(f"{where}: {entry.NAME!r} is the name of a built-in dataset; choose another name")
         _CUSTOM[entry.NAME] = entry
 
