@@ -232,6 +232,9 @@ def test_fused_classifier_equals_unfused(cls, bias):
 def test_fused_detector_equals_unfused(det, photo):
     fused = copy.deepcopy(det).fuse()
     assert isinstance(fused.model.roi_heads.box_predictor.cls_score, FusedClassifier)
+    norms = ("FrozenBatchNorm2d", "BatchNorm2d")
+    assert any(type(m).__name__ in norms for m in det.model.modules())
+    assert not any(type(m).__name__ in norms for m in fused.model.modules())  # folded into their convs
     a, b = det(photo), fused(photo)
     np.testing.assert_array_equal(a.class_ids, b.class_ids)
     np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)

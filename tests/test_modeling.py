@@ -210,6 +210,35 @@ def test_class_nms_is_exact_per_class_nms_at_21k_classes():
     assert empty.shape == (0,) and torch.equal(nms(boxes[:0], scores[:0], 0.5), empty)
 
 
+def _random_rois(g: torch.Generator, n: int, images: int) -> torch.Tensor:
+    """RoIs (batch index, xyxy) on a 25x20 map at scale 1/4: small, large, elongated, partly or wholly outside."""
+    xy = torch.rand(n, 2, generator=g) * 120 - 10
+    wh = torch.rand(n, 2, generator=g) * 80
+    wh[: n // 4, 0] *= 0.05  # thin and tall
+    wh[n // 4: n // 2, 1] = wh[n // 4: n // 2, 1] * 0.05 + 1e-3  # wide and flat
+    return torch.cat([torch.randint(0, images, (n, 1), generator=g).float(), xy, xy + wh], 1)
+
+
+@pytest.mark.parametrize("aligned,sampling_ratio", [(True, 0), (False, 0), (True, 2), (False, 3)])
+def test_roi_align_cpu_forward_matches_torchvision(aligned, sampling_ratio):
+    """Our CPU RoIAlign forward (`roi_align_cpu`: separable weights, one gather) gives torchvision's values up to
+    float rounding, at several scales; no RoIs gives an empty result."""
+    from torchvision.ops import roi_align
+
+    from ovd.modeling.poolers import roi_align_cpu
+
+    g = torch.Generator().manual_seed(0)
+    feature = torch.randn(3, 16, 20, 25, generator=g)
+    rois = _random_rois(g, 400, 3)
+    for scale in (1.0, 0.25, 1 / 32):
+        for size in (7, 2):
+            ours = roi_align_cpu(feature, rois, size, scale, sampling_ratio, aligned)
+            theirs = roi_align(feature, rois, size, scale, sampling_ratio, aligned)
+            assert ours.shape == theirs.shape
+            torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-6)
+    assert roi_align_cpu(feature, rois[:0], 7, 0.25, sampling_ratio, aligned).shape == (0, 16, 7, 7)
+
+
 @pytest.mark.parametrize("aligned,sampling_ratio,threads", [(True, 0, 1), (False, 0, 1), (True, 2, 1), (True, 0, 2)])
 def test_roi_align_backward_is_torchvisions_bit_for_bit(aligned, sampling_ratio, threads):
     """Our CPU RoIAlign backward (`roi_align_input_grad`, used by ROIPooler in training) gives exactly torchvision's
@@ -223,13 +252,11 @@ def test_roi_align_backward_is_torchvisions_bit_for_bit(aligned, sampling_ratio,
     try:
         g = torch.Generator().manual_seed(0)
         feature = torch.randn(3, 16, 20, 25, generator=g, requires_grad=True)
-        xy = torch.rand(300, 2, generator=g) * 120 - 10
-        rois = torch.cat([torch.randint(0, 3, (300, 1), generator=g).float(), xy,
-                          xy + torch.rand(300, 2, generator=g) * 80], 1)
+        rois = _random_rois(g, 300, 3)
         args = (7, 0.25, sampling_ratio, aligned)
         ours = _CPURoIAlign.apply(feature, rois, *args)
         theirs = roi_align(feature, rois, *args)
-        assert torch.equal(ours, theirs)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-6)
         grad_out = torch.randn(ours.shape, generator=g)
         (ours_grad,) = torch.autograd.grad(ours, feature, grad_out)
         (theirs_grad,) = torch.autograd.grad(theirs, feature, grad_out)
@@ -239,3 +266,35 @@ def test_roi_align_backward_is_torchvisions_bit_for_bit(aligned, sampling_ratio,
         assert empty.shape == (0, 16, 7, 7) and not empty_grad.any()
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("norm", ["FrozenBN", "BN"])
+def test_fold_norms_keeps_the_function(norm):
+    """`fold_norms` folds each frozen norm (non-trivial statistics) of a ResNet + FPN into its conv: the same
+    features up to float rounding, no norm left; a BatchNorm2d still training is not folded."""
+    from torch import nn
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from ovd.modeling.backbone import Backbone, ResNet, fold_norms
+
+    torch.manual_seed(0)
+    body = ResNet(depth=18, norm=norm, stem_out_channels=8, res2_out_channels=8, out_features=("res2", "res3"),
+                  last_stage="res3")
+    backbone = Backbone(body, fpn_channels=8, fpn_in_features=("res2", "res3"))
+    norms = [m for m in backbone.modules() if isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d))]
+    for m in norms:
+        m.weight.data.uniform_(0.5, 2.0)
+        m.bias.data.normal_()
+        m.running_mean.normal_()
+        m.running_var.uniform_(0.2, 3.0)
+    x = torch.randn(2, 3, 64, 96)
+    if norm == "BN":
+        assert fold_norms(backbone.train()) == 0  # batch statistics: nothing to fold
+    backbone.eval()
+    with torch.no_grad():
+        before = backbone(x)
+        assert fold_norms(backbone) == len(norms) == 1 + 2 * 4 + 1  # stem, 2 convs x 4 blocks, one downsample
+        after = backbone(x)
+    assert not any(isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d)) for m in backbone.modules())
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=1e-4, atol=1e-4 * before[k].abs().max().item())

@@ -202,7 +202,8 @@ class Detector:
         self._vocabulary = vocab
 
     def fuse(self) -> Detector:
-        """Fold the classifier for deployment (`OVDetector.fuse`); same detections, in place; returns self."""
+        """Fold the classifier and the frozen norms for deployment (`OVDetector.fuse`): the same detections up to
+        float rounding, in place; returns self."""
         self.model.fuse()
         return self
 

@@ -11,6 +11,7 @@ from collections import OrderedDict
 from typing import Callable
 
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -183,3 +184,29 @@ def init_weights(module: nn.Module) -> None:
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def fold_norms(module: nn.Module) -> int:
+    """Fold each frozen norm (FrozenBatchNorm2d, or BatchNorm2d in eval mode) into the conv before it, in place,
+    for deployment: ResNet stems and blocks (``convN`` then ``bnN``) and downsample pairs (Sequential conv, norm).
+    The same function up to float rounding, without the per-pixel multiply and add; returns how many were folded."""
+    folded = 0
+    for parent in list(module.modules()):
+        pairs = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
+        if isinstance(parent, nn.Sequential):
+            pairs += [(str(i), str(i + 1)) for i in range(len(parent) - 1)]
+        for conv_name, norm_name in pairs:
+            conv, norm = getattr(parent, conv_name, None), getattr(parent, norm_name, None)
+            if not isinstance(conv, nn.Conv2d) or not _frozen_norm(norm):
+                continue
+            weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, norm.running_mean, norm.running_var,
+                                                norm.eps, norm.weight, norm.bias)
+            conv.weight, conv.bias = weight, bias
+            setattr(parent, norm_name, nn.Identity())
+            folded += 1
+    return folded
+
+
+def _frozen_norm(m: nn.Module | None) -> bool:
+    return isinstance(m, FrozenBatchNorm2d) or (type(m) is nn.BatchNorm2d and not m.training
+                                                 and m.track_running_stats)
