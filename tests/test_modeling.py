@@ -216,6 +216,7 @@ def _random_rois(g: torch.Generator, n: int, images: int) -> torch.Tensor:
     wh = torch.rand(n, 2, generator=g) * 80
     wh[: n // 4, 0] *= 0.05  # thin and tall
     wh[n // 4: n // 2, 1] = wh[n // 4: n // 2, 1] * 0.05 + 1e-3  # wide and flat
+    wh[n // 2: n // 2 + 5] = 0.0  # empty: no sampling point, zeros
     return torch.cat([torch.randint(0, images, (n, 1), generator=g).float(), xy, xy + wh], 1)
 
 

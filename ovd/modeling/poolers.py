@@ -212,7 +212,8 @@ def _axis_weights(start: Tensor, bin_size: Tensor, grid: Tensor, size: int, map_
     lo = (low - first[..., None]).masked_fill(~valid, 0)  # samples that weigh nothing point at the first pixel
     hi = (high - first[..., None]).masked_fill(~valid, 0)
     dense = start.new_zeros((*first.shape, int(hi.max()) + 1))  # weights on pixels first, first + 1, ...
-    dense.scatter_add_(2, lo, rest * valid).scatter_add_(2, hi, frac * valid)
+    zero = rest.new_zeros(())  # where, not a product: an empty RoI's coordinates are NaN (0 / 0 samples)
+    dense.scatter_add_(2, lo, torch.where(valid, rest, zero)).scatter_add_(2, hi, torch.where(valid, frac, zero))
     nonzero = dense != 0
     pixels = (first[..., None] + torch.arange(dense.shape[2]))[nonzero]
     return pixels, dense[nonzero], nonzero.sum(2)
