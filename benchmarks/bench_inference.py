@@ -15,6 +15,9 @@ alone too, still as a ratio to the unfolded one) and the ONNX graph (`export_onn
 onnxruntime's CPU provider with the same thread count; then torchvision's model split the same way, the reference for
 those ratios.
 
+Third table: RoIAlign alone, torchvision's CPU kernel against ours (`ovd.modeling.poolers.roi_align_cpu`), on
+1000 RoIs of 16-76 px on a p2 map (256 x 200 x 304), detectron2's settings (7x7, adaptive sampling, aligned).
+
     python benchmarks/bench_inference.py [--runs 3] [--threads N] [--no-onnx]
 """
 
@@ -33,12 +36,13 @@ import torch
 import torchvision
 from PIL import Image
 from skimage import data as skdata
-
 from torch import nn
+from torchvision.ops import roi_align
 
 from ovd.config import load_config
 from ovd.inference import Detector, TextEncoder, Vocabulary
 from ovd.modeling.build import build_model
+from ovd.modeling.poolers import roi_align_cpu
 from ovd.structures import ImageSample
 from ovd.utils.timing import median_ms
 
@@ -134,6 +138,16 @@ def stage_rows(photo: np.ndarray, runs: int, threads: int, onnx: bool) -> list[t
     return [(k, v, v / floor[k]) for k, v in ms.items()]
 
 
+def roi_align_rows(runs: int) -> dict[str, float]:
+    g = torch.Generator().manual_seed(0)
+    feature = torch.randn(1, 256, 200, 304, generator=g)
+    xy = torch.rand(1000, 2, generator=g) * torch.tensor([1100.0, 700.0])
+    rois = torch.cat([torch.zeros(1000, 1), xy, xy + 16 + torch.rand(1000, 2, generator=g) * 60], 1)
+    args = (7, 0.25, 0, True)
+    return timed({"torchvision.ops.roi_align": lambda: roi_align(feature, rois, *args),
+                  "ovd roi_align_cpu": lambda: roi_align_cpu(feature, rois, *args)}, runs)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--runs", type=int, default=3)
@@ -167,6 +181,10 @@ def main() -> None:
     print(f"{'':<34} {'ms':>7} {'/ backbone':>11}")
     for k, v, r in stages:
         print(f"{k:<34} {v:>7.0f} {r:>11.2f}")
+    align = roi_align_rows(args.runs)
+    print("RoIAlign, 1000 RoIs of 16-76 px on p2 (256x200x304), 7x7, adaptive sampling, aligned")
+    for k, v in align.items():
+        print(f"{k:<34} {v:>7.0f} {v / align['torchvision.ops.roi_align']:>11.2f}")
 
 
 if __name__ == "__main__":
